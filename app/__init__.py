@@ -1,0 +1,17 @@
+"""convscope's application layer: the Flask app, jobs, stores, rendering and the CLI.
+
+Importing this package is cheap and pulls in neither Flask nor torch, so plugins may use
+``app.errors``. gunicorn calls ``app:create_app()``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def create_app(test_config: dict[str, Any] | None = None):  # -> flask.Flask
+    """Build a new Flask application (see ``app.factory``)."""
+    from app.factory import build_app
+
+    return build_app(test_config)

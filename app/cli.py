@@ -1,0 +1,93 @@
+"""The ``convscope`` console script: ``serve``, ``check`` and ``visualize``.
+
+This module only parses arguments and dispatches; each command lives in its own module.
+No DIR means the bundled demo.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", nargs="?", default=None, metavar="DIR",
+                        help="checkpoint directory (default: the bundled demo)")
+    parser.add_argument("--device", default=os.environ.get("CONVSCOPE_DEVICE", "auto"),
+                        help="auto, cpu, cuda or cuda:N (env CONVSCOPE_DEVICE; default auto)")
+    parser.add_argument("--trust-code", action="store_true",
+                        default=_env_flag("CONVSCOPE_TRUST_CODE"),
+                        help="allow checkpoints that execute code when loaded: full pickles, "
+                             "TorchScript, torch.export archives, .py files "
+                             "(env CONVSCOPE_TRUST_CODE=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convscope",
+                                     description="See what an image classifier looks at.")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the web server")
+    _add_model_options(serve)
+    serve.add_argument("--host", default=os.environ.get("CONVSCOPE_HOST", "127.0.0.1"),
+                       help="address to bind (default 127.0.0.1; others only when asked)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("CONVSCOPE_PORT", "8000")))
+    serve.add_argument("--data-dir", default=None,
+                       help="where results are stored (env CONVSCOPE_DATA_DIR)")
+
+    check = commands.add_parser("check", help="load every checkpoint in DIR and report")
+    _add_model_options(check)
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+
+    visualize = commands.add_parser("visualize", help="write a static HTML report")
+    visualize.add_argument("paths", nargs="+", metavar="[DIR] IMAGE",
+                           help="optional checkpoint directory, then one or more images")
+    visualize.add_argument("--device", default=os.environ.get("CONVSCOPE_DEVICE", "auto"))
+    visualize.add_argument("--trust-code", action="store_true",
+                           default=_env_flag("CONVSCOPE_TRUST_CODE"))
+    visualize.add_argument("--method", action="append", required=True, dest="methods",
+                           metavar="NAME", help="visualization to run (repeatable)")
+    visualize.add_argument("--param", action="append", default=[], dest="params",
+                           metavar="NAME.KEY=VALUE", help="a method parameter (repeatable)")
+    visualize.add_argument("--checkpoint", default=None, metavar="FILE",
+                           help="checkpoint file in DIR (default: latest)")
+    visualize.add_argument("--target", action="append", default=None, dest="targets",
+                           metavar="predicted|INDEX|LABEL", help="target class (repeatable)")
+    visualize.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
+    visualize.add_argument("--json", action="store_true", help="print results.json to stdout")
+    return parser
+
+
+def _version() -> str:
+    from app import __version__
+
+    return f"convscope {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        from app.serve import serve_command
+
+        return serve_command(args)
+    if args.command == "check":
+        from app.check import check_command
+
+        return check_command(args)
+    from app.report import visualize_command
+
+    return visualize_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

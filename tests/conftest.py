@@ -1,0 +1,22 @@
+"""Suite-wide test settings. Area fixtures live in each tests/<area>/conftest.py."""
+from __future__ import annotations
+
+import os
+
+# One torch thread: on 2 shared cores, 2 threads run 2-4x slower when anything else is busy.
+os.environ.setdefault("CONVSCOPE_TORCH_THREADS", "1")
+os.environ.setdefault("CONVSCOPE_DEVICE", "cpu")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["CONVSCOPE_TORCH_THREADS"]))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
