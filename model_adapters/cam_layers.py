@@ -1,0 +1,123 @@
+"""Find the layers usable for class activation maps (CAM) with one forward-hook pass.
+
+CAM methods (Grad-CAM, Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391) weight a
+convolutional feature map by class gradients, so they need a module whose output is a spatial
+``(N, C, H, W)`` map. We find such modules by running one dummy input through the model with a
+forward hook on every named module, instead of guessing from class names.
+
+The rule for the default layer ("the last spatial layer before global pooling"):
+
+1. Candidates are named modules whose output is one 4-D tensor with more than one spatial cell
+   (``H * W > 1``) at the model's input size, recorded in forward *completion* order. A container
+   completes after its children, so when ``layer4`` and ``layer4.1`` return the same tensor,
+   the outer name (``layer4``) comes later and wins -- that is the name people write by hand.
+2. Modules called more than once in a forward pass (e.g. a shared ``nn.ReLU`` in a ResNet
+   BasicBlock, or EfficientNet-Lite's ``_swish`` used by both stem and head) are dropped: a hook
+   on them sees several unrelated outputs, so a CAM on them would be ambiguous.
+3. The default is the last candidate that is not itself a pooling layer. Pooling layers are
+   skipped because they are the "global pooling" (or, like VGG's ``AdaptiveAvgPool2d((7, 7))``,
+   a resolution adapter in front of the classifier) rather than a feature layer. This gives
+   ``layer4`` (ResNet), ``features`` (VGG, AlexNet, DenseNet -- whose final ReLU is functional,
+   so ``features`` is what feeds the pool -- MobileNet, EfficientNet, ConvNeXt), ``trunk_output``
+   (RegNet), ``Mixed_7c`` (Inception v3), ``classifier.2`` (SqueezeNet: the ReLU on the final
+   1x1 class conv, which feeds its global pool), ``_bn1`` (the demo EfficientNet-Lite0, whose
+   head activation is the reused ``_swish``).
+
+Transformers (ViT, Swin, MaxViT) attend over tokens; their 4-D tensors are patch embeddings or
+channels-last windows, not feature maps a CAM can weight. A model containing attention modules is
+reported as CAM-unsupported with a reason, and its candidate list is left empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Pooling layers are skipped when choosing the default (rule 3 above).
+_POOLING_TYPES: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d,
+    nn.FractionalMaxPool2d,
+)
+
+TRANSFORMER_REASON = ("CAM needs a convolutional feature map, but this model is a transformer that "
+                      "attends over tokens; use a gradient or perturbation method instead.")
+NO_SPATIAL_REASON = "The model has no layer with a spatial feature map to compute a CAM on."
+
+
+@dataclass(frozen=True)
+class CamLayers:
+    """The result of the probe: candidates in forward order, the default, or why there is none."""
+
+    layers: tuple[str, ...]
+    default: str | None
+    unsupported_reason: str | None
+    output: Any = None  # the model's output on the probe input (to check the class count)
+
+
+def _attention_types() -> tuple[type[nn.Module], ...]:
+    """Token-attention module types: torch's own and torchvision's Swin / MaxViT variants."""
+    types: list[type[nn.Module]] = [nn.MultiheadAttention]
+    try:
+        from torchvision.models import maxvit, swin_transformer
+
+        types += [swin_transformer.ShiftedWindowAttention, swin_transformer.ShiftedWindowAttentionV2,
+                  maxvit.RelativePositionalMultiHeadAttention]
+    except (ImportError, AttributeError):  # an older torchvision: nn.MultiheadAttention still counts
+        pass
+    return tuple(types)
+
+
+def is_transformer(module: nn.Module) -> bool:
+    """True when the model contains token-attention modules (ViT, Swin, MaxViT, ...)."""
+    attention = _attention_types()
+    return any(isinstance(child, attention) for child in module.modules())
+
+
+def _is_spatial(output: Any) -> bool:
+    return (isinstance(output, torch.Tensor) and output.dim() == 4
+            and output.shape[2] * output.shape[3] > 1)
+
+
+def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: int = 3,
+                    device: torch.device | str | None = None) -> CamLayers:
+    """Run one dummy batch through ``module`` (eval mode, no_grad) and report its CAM layers.
+
+    ``device`` defaults to the device of the module's first parameter; a module built on the
+    ``meta`` device is probed on ``meta`` too (shapes only, no arithmetic), which is how the
+    tests cover every torchvision architecture cheaply.
+    """
+    if device is None:
+        first = next(module.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    height, width = input_size
+    probe = torch.zeros(1, channels, height, width, device=device)
+
+    calls: dict[str, int] = {}
+    spatial_order: list[str] = []  # names in completion order, first completion only
+    names = {child: name for name, child in module.named_modules() if name}
+
+    def record(child: nn.Module, _inputs: Any, output: Any) -> None:
+        name = names[child]
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] == 1 and _is_spatial(output):
+            spatial_order.append(name)
+
+    handles = [child.register_forward_hook(record) for child in names]
+    try:
+        with torch.no_grad():
+            output = module(probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    if is_transformer(module):
+        return CamLayers((), None, TRANSFORMER_REASON, output)
+    layers = tuple(name for name in spatial_order if calls[name] == 1)
+    if not layers:
+        return CamLayers((), None, NO_SPATIAL_REASON, output)
+    by_name = dict(module.named_modules())
+    features = [name for name in layers if not isinstance(by_name[name], _POOLING_TYPES)]
+    default = features[-1] if features else layers[-1]
+    return CamLayers(layers, default, None, output)
