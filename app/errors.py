@@ -59,6 +59,8 @@ ImageUnsupported = _error("ImageUnsupported", "E_IMAGE_UNSUPPORTED", 415,
 ImageCorrupt = _error("ImageCorrupt", "E_IMAGE_CORRUPT", 400, "The image file is damaged.")
 ImageTooLarge = _error("ImageTooLarge", "E_IMAGE_TOO_LARGE", 413, "The image is too large.")
 ImageTooSmall = _error("ImageTooSmall", "E_IMAGE_TOO_SMALL", 400, "The image is too small.")
+ImageAspectRatio = _error("ImageAspectRatio", "E_IMAGE_ASPECT_RATIO", 400,
+                          "The image is too long and narrow.")
 TooManyFiles = _error("TooManyFiles", "E_TOO_MANY_FILES", 413, "Too many files in one request.")
 PayloadTooLarge = _error("PayloadTooLarge", "E_PAYLOAD_TOO_LARGE", 413,
                          "The request body is too large.")
