@@ -1,0 +1,124 @@
+"""``build_app(test_config)``: settings, services and blueprints for one Flask app.
+
+Nothing happens at import time. The app is assembled by a list of ``init_app(app, settings)``
+hooks (``INIT_HOOKS``), run in order, so later features (authentication, allowed hosts, ...) are
+one more entry rather than an edit in the middle of this function. Per-app state lives in
+``app.extensions["convscope"]`` as a ``Services`` object; nothing is global.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from flask import Flask
+
+from app import http_errors
+from app.jobs import Executor, JobStore
+from app.settings import Settings, load_settings
+from app.stores import ImageStore, ResultStore
+from app.views import init_app as init_views
+from app.views import security
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent   # templates/ and static/ live here
+EXTENSION = "convscope"
+
+
+@dataclass
+class Services:
+    """Everything a request handler may use, built once per app."""
+
+    settings: Settings
+    device: Any                     # torch.device
+    catalog: Any                    # app.catalog.ModelCatalog
+    visualizations: Any             # visualizations.visualization_registry
+    images: ImageStore
+    results: ResultStore
+    jobs: JobStore
+    executor: Executor
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel queued/running jobs with a recorded status and stop the executor."""
+        self.executor.shutdown(timeout)
+
+
+def services(app: Flask) -> Services:
+    return app.extensions[EXTENSION]
+
+
+def init_config(app: Flask, settings: Settings) -> None:
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        TESTING=settings.testing,
+        MAX_CONTENT_LENGTH=int(settings.max_request_mb * 1024 * 1024),
+        # Each uploaded file is one part; leave room for form fields (params, labels).
+        MAX_FORM_PARTS=settings.max_files_per_request + 200,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME="convscope_session",
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False
+
+
+def _build_catalog(settings: Settings, device: Any) -> Any:
+    from app.catalog import ModelCatalog, demo_directory
+
+    directory = settings.checkpoint_dir or demo_directory()
+    return ModelCatalog(Path(directory), device, trust_code=settings.trust_code)
+
+
+def init_services(app: Flask, settings: Settings, *, catalog: Any = None) -> None:
+    from app.devices import configure_threads, resolve_device
+    from visualizations import visualization_registry
+
+    configure_threads()
+    device = resolve_device(settings.device)        # DeviceUnavailable here, at startup
+    if catalog is None:
+        catalog = _build_catalog(settings, device)
+    data = settings.data_dir
+    images = ImageStore(data / "images")
+    results = ResultStore(data / "results")
+    jobs = JobStore(data / "jobs")
+    executor = Executor(catalog=catalog, images=images, results=results, jobs=jobs,
+                        settings=settings, visualizations=visualization_registry)
+    app.extensions[EXTENSION] = Services(settings, device, catalog, visualization_registry,
+                                         images, results, jobs, executor)
+    executor.start()
+    if not settings.testing:
+        # Cancel and record running jobs when the process exits normally.
+        ref = weakref.ref(executor)
+        atexit.register(lambda: (executor_ := ref()) and executor_.shutdown(5.0))
+
+
+InitHook = Callable[[Flask, Settings], None]
+
+# Order matters: config, error handlers, request checks, then routes and services.
+INIT_HOOKS: list[InitHook] = [
+    init_config,
+    http_errors.init_app,
+    security.init_app,
+    init_views,
+]
+
+
+def build_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build a new app from ``CONVSCOPE_*`` settings overridden by ``test_config``.
+
+    ``test_config`` may also hold ``"catalog"``: an object with ModelCatalog's interface used
+    instead of scanning a directory (tests).
+    """
+    config = dict(test_config or {})
+    catalog = config.pop("catalog", None)
+    settings = load_settings(config)
+    app = Flask("app", root_path=str(PROJECT_ROOT), template_folder="templates",
+                static_folder="static")
+    for hook in INIT_HOOKS:
+        hook(app, settings)
+    init_services(app, settings, catalog=catalog)
+    return app

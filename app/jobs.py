@@ -1,0 +1,815 @@
+"""Jobs: validated requests, their records on disk, and the one Executor that runs them.
+
+A job is checked completely when it is submitted (model, images, methods, parameters, targets,
+cost), so the queue only ever holds work that can run. One ``Executor`` thread per app owns the
+device: it takes jobs from a bounded queue and runs one (image x method) item at a time, each
+target answered from the ``ResultStore`` when it was computed before, else computed, rendered
+and stored. HTTP threads only validate, enqueue and read records; they never run a model.
+
+Job records are JSON files (``jobs/<id>.json``) written atomically at every status change, so a
+restarted server still shows finished jobs; a job that was queued or running in a process that
+is gone is shown as cancelled ("the server stopped").
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from app.errors import (BadParameter, BadRequest, Busy, Cancelled, ConvscopeError, Internal,
+                        MethodUnsupported, NotFound, TooExpensive, UnknownModel)
+from app.stores import (ImageStore, ResultStore, atomic_write_json, canonical_json,
+                        result_key)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from app.settings import Settings
+    from model_adapters.base import LoadedModel, ModelMeta
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+PREDICTED = "predicted"
+OVERLAY_OPACITY = 0.5
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+# --- the request -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """One visualization of a job with its parameters resolved for the model (concrete values,
+    so an explicit value and the AUTO default that resolves to it share cache entries)."""
+
+    name: str
+    params: Mapping[str, Any]
+    cost: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params), "cost": self.cost}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job: everything the executor needs, nothing it has to check again."""
+
+    model_id: str
+    model_file: str
+    checkpoint_sha256: str
+    meta_fingerprint: str
+    images: tuple[str, ...]
+    filenames: tuple[str, ...]
+    methods: tuple[MethodRequest, ...]
+    targets: tuple[int | str, ...]            # PREDICTED or a class index
+    true_labels: Mapping[str, int]            # image id -> class index
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "model_file": self.model_file,
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "meta_fingerprint": self.meta_fingerprint, "images": list(self.images),
+                "filenames": list(self.filenames),
+                "methods": [method.to_dict() for method in self.methods],
+                "targets": list(self.targets), "true_labels": dict(self.true_labels)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "JobSpec":
+        return cls(model_id=data["model_id"], model_file=data["model_file"],
+                   checkpoint_sha256=data["checkpoint_sha256"],
+                   meta_fingerprint=data["meta_fingerprint"], images=tuple(data["images"]),
+                   filenames=tuple(data["filenames"]),
+                   methods=tuple(MethodRequest(m["name"], m["params"], m["cost"])
+                                 for m in data["methods"]),
+                   targets=tuple(data["targets"]), true_labels=dict(data["true_labels"]))
+
+
+def meta_fingerprint(meta: "ModelMeta") -> str:
+    """What besides the weights changes a result: preprocessing and labels (convscope.toml)."""
+    facts = {"architecture": meta.architecture, "input_size": list(meta.input_size),
+             "channels": meta.channels, "mean": list(meta.mean), "std": list(meta.std),
+             "resize": meta.resize, "classes": list(meta.class_names), "adapter": meta.adapter}
+    return hashlib.sha256(canonical_json(facts).encode()).hexdigest()[:16]
+
+
+def _limited_list(payload: Mapping[str, Any], name: str, limit: int, *,
+                  required: bool = True) -> list[Any]:
+    value = payload.get(name)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise BadRequest(f"{name!r} must be a non-empty list.", fields={name: "a non-empty list"})
+    if len(value) > limit:
+        raise BadRequest(f"{name!r} has {len(value)} entries; at most {limit} are allowed.",
+                         fields={name: f"at most {limit} entries"})
+    return value
+
+
+def _target_spec(meta: "ModelMeta", raw: Any) -> int | str:
+    if isinstance(raw, str) and raw.strip().lower() in (PREDICTED, "prediction", "top1"):
+        return PREDICTED
+    if not isinstance(raw, (int, str)) or isinstance(raw, bool):
+        raise BadParameter("A target must be \"predicted\", a class index or a class label.",
+                           fields={"targets": "\"predicted\", a class index or a label"})
+    return meta.class_index(raw)
+
+
+def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, settings: "Settings",
+                      visualizations: Any) -> JobSpec:
+    """Validate a job request (the JSON body of ``POST /api/v1/jobs``) into a ``JobSpec``.
+
+    Raises the ConvscopeError a user should see: unknown model/image/method/class, bad
+    parameters, a method that does not support the model, or a request over the cost cap.
+    """
+    if not isinstance(payload, Mapping):
+        raise BadRequest("The job must be a JSON object.")
+    known = {"model", "images", "visualizations", "targets", "true_labels"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise BadRequest(f"Unknown field {str(unknown[0])[:40]!r}; known: {', '.join(sorted(known))}.",
+                         fields={str(name)[:40]: "unknown field" for name in unknown[:5]})
+    model_ref = payload.get("model", "latest")
+    if not isinstance(model_ref, str) or not model_ref:
+        raise BadRequest("'model' must be a model id or \"latest\".", fields={"model": "an id"})
+    entry = catalog.get(model_ref)
+    if not entry.ok or entry.meta is None:
+        raise entry.error or UnknownModel("This model could not be loaded.")
+    meta = entry.meta
+
+    image_ids = _limited_list(payload, "images", settings.max_images_per_job)
+    filenames = []
+    for image_id in image_ids:
+        if not isinstance(image_id, str):
+            raise BadRequest("Image ids must be strings.", fields={"images": "image ids"})
+        filenames.append(images.get(image_id).filename)      # NotFound for unknown ids
+    if len(set(image_ids)) != len(image_ids):
+        raise BadRequest("An image is listed twice.", fields={"images": "distinct image ids"})
+
+    methods = []
+    for raw in _limited_list(payload, "visualizations", len(visualizations)):
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
+            raise BadRequest("Each visualization must be an object with a \"name\".",
+                             fields={"visualizations": "[{\"name\", \"params\"}]"})
+        visualization = visualizations.get(raw["name"])
+        reason = visualization.supports(meta)
+        if reason:
+            raise MethodUnsupported(reason, fields={"visualizations": visualization.name})
+        raw_params = raw.get("params") or {}
+        if not isinstance(raw_params, Mapping):
+            raise BadParameter("\"params\" must be an object.", fields={"params": "an object"})
+        params = visualization.resolve(visualization.parse_params(raw_params, meta), meta)
+        cost = int(visualization.cost(params, meta))
+        if cost > settings.max_cost:
+            raise TooExpensive(
+                f"{visualization.title} with these parameters needs {cost} model evaluations per "
+                f"image and target, over this server's limit of {settings.max_cost}; make it "
+                "cheaper with a larger window or stride, or fewer steps or samples.",
+                fields={"visualizations": visualization.name})
+        resolved = json.loads(canonical_json(dataclasses.asdict(params)))
+        request = MethodRequest(visualization.name, resolved, cost)
+        if request in methods:
+            raise BadRequest(f"{visualization.name} is listed twice with the same parameters.",
+                             fields={"visualizations": "distinct entries"})
+        methods.append(request)
+
+    targets: list[int | str] = []
+    for raw in _limited_list(payload, "targets", settings.max_targets_per_job,
+                             required=False) or [PREDICTED]:
+        spec = _target_spec(meta, raw)
+        if spec not in targets:
+            targets.append(spec)
+
+    true_labels_raw = payload.get("true_labels") or {}
+    if not isinstance(true_labels_raw, Mapping):
+        raise BadRequest("\"true_labels\" must map image ids to labels.",
+                         fields={"true_labels": "{image id: label}"})
+    true_labels = {}
+    for image_id, label in true_labels_raw.items():
+        if image_id not in image_ids:
+            raise BadRequest("\"true_labels\" names an image that is not in the job.",
+                             fields={"true_labels": "ids from \"images\""})
+        if label is None or label == "":
+            continue
+        true_labels[image_id] = meta.class_index(label)
+
+    return JobSpec(model_id=entry.id, model_file=entry.file, checkpoint_sha256=entry.sha256,
+                   meta_fingerprint=meta_fingerprint(meta), images=tuple(image_ids),
+                   filenames=tuple(filenames), methods=tuple(methods), targets=tuple(targets),
+                   true_labels=true_labels)
+
+
+# --- the record --------------------------------------------------------------------------------
+
+def _error_dict(error: ConvscopeError | None) -> dict[str, Any] | None:
+    return None if error is None else {"code": error.code, "message": error.message}
+
+
+@dataclass
+class JobItem:
+    """One image x one method: its status, progress, results (one per target) and error."""
+
+    image_index: int
+    method_index: int
+    status: str = QUEUED
+    progress: float = 0.0
+    error: dict[str, Any] | None = None
+    result_keys: list[str] = field(default_factory=list)
+    elapsed_ms: float = 0.0
+    cached: int = 0
+
+
+@dataclass
+class ImageOutcome:
+    """What the prediction step found for one image."""
+
+    prediction_key: str
+    predicted: int
+    predictions: list[dict[str, Any]]
+    true_label: dict[str, Any] | None
+    failure: bool
+
+
+def _process_token() -> str:
+    """Identifies this process across pid reuse (pid + its start time from /proc)."""
+    pid = os.getpid()
+    return f"{pid}:{_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "?"
+
+
+def _owner_alive(token: str) -> bool:
+    pid_text, _, started = token.partition(":")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    return started != "?" and _start_time(pid) == started
+
+
+class Job:
+    """A job's mutable state. The executor thread writes it; HTTP threads read snapshots."""
+
+    def __init__(self, job_id: str, spec: JobSpec, *, created: float | None = None) -> None:
+        self.id = job_id
+        self.spec = spec
+        self.created = created if created is not None else time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.status = QUEUED
+        self.error: dict[str, Any] | None = None
+        self.items = [JobItem(i, m) for i in range(len(spec.images))
+                      for m in range(len(spec.methods))]
+        self.images: dict[int, ImageOutcome] = {}
+        self.model_runs = 0
+        self.cache_hits = 0
+        self.owner = _process_token()
+        self.cancel_event = threading.Event()
+        self.lock = threading.RLock()
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def progress(self) -> float:
+        with self.lock:
+            if self.status == DONE:
+                return 1.0
+            if not self.items:
+                return 0.0
+            return sum(item.progress for item in self.items) / len(self.items)
+
+    def item(self, image_index: int, method_index: int) -> JobItem:
+        return self.items[image_index * len(self.spec.methods) + method_index]
+
+    def finish(self, status: str, error: ConvscopeError | dict[str, Any] | None = None) -> None:
+        with self.lock:
+            self.status = status
+            self.error = error if isinstance(error, dict) or error is None else _error_dict(error)
+            self.finished = time.time()
+            for item in self.items:
+                if item.status in (QUEUED, RUNNING):
+                    item.status = CANCELLED if status == CANCELLED else FAILED
+                    item.error = item.error or self.error
+
+    def to_record(self) -> dict[str, Any]:
+        with self.lock:
+            return {"id": self.id, "status": self.status, "error": self.error,
+                    "created": self.created, "started": self.started, "finished": self.finished,
+                    "progress": self.progress, "model_runs": self.model_runs,
+                    "cache_hits": self.cache_hits, "owner": self.owner,
+                    "spec": self.spec.to_dict(),
+                    "items": [dataclasses.asdict(item) for item in self.items],
+                    "images": {str(index): dataclasses.asdict(outcome)
+                               for index, outcome in self.images.items()}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "Job":
+        job = cls(record["id"], JobSpec.from_dict(record["spec"]), created=record["created"])
+        job.status, job.error = record["status"], record["error"]
+        job.started, job.finished = record["started"], record["finished"]
+        job.model_runs, job.cache_hits = record["model_runs"], record["cache_hits"]
+        job.owner = record.get("owner", "")
+        job.items = [JobItem(**item) for item in record["items"]]
+        job.images = {int(index): ImageOutcome(**outcome)
+                      for index, outcome in record["images"].items()}
+        return job
+
+
+class JobStore:
+    """Live jobs of this process in memory; every job also as ``<id>.json`` on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._live: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()    # snapshot + write in order, newest last
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_hex(16)
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._live[job.id] = job
+        self.save(job)
+
+    def save(self, job: Job) -> None:
+        with self._save_lock:
+            atomic_write_json(self.root / f"{job.id}.json", job.to_record())
+
+    def discard(self, job: Job) -> None:
+        """Undo ``add`` for a job that was never accepted."""
+        self.forget(job)
+        (self.root / f"{job.id}.json").unlink(missing_ok=True)
+
+    def live(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._live.get(job_id)
+
+    def forget(self, job: Job) -> None:
+        """Finished jobs are read from disk from now on; memory stays bounded."""
+        with self._lock:
+            self._live.pop(job.id, None)
+
+    def get(self, job_id: str) -> Job:
+        """The job with this id: live, or read from its record (not found -> NotFound)."""
+        job = self.live(job_id) if isinstance(job_id, str) else None
+        if job is not None:
+            return job
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+            raise NotFound("There is no job with this id.")
+        with os.scandir(self.root) as entries:
+            path = next((Path(e.path) for e in entries if e.name == f"{job_id}.json"
+                         and e.is_file(follow_symlinks=False)), None)
+        if path is None:
+            raise NotFound("There is no job with this id.")
+        try:
+            job = Job.from_record(json.loads(path.read_text("utf-8")))
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("job record %s is unreadable", job_id)
+            raise NotFound("There is no job with this id.") from None
+        if not job.terminal and not _owner_alive(job.owner):
+            job.finish(CANCELLED, Cancelled("The server stopped before this job finished; "
+                                            "submit it again."))
+            self.save(job)
+        return job
+
+
+# --- the executor ------------------------------------------------------------------------------
+
+class Executor:
+    """One thread that owns the device and runs jobs, one at a time, from a bounded queue."""
+
+    def __init__(self, *, catalog: Any, images: ImageStore, results: ResultStore,
+                 jobs: JobStore, settings: "Settings", visualizations: Any) -> None:
+        self.catalog = catalog
+        self.images = images
+        self.results = results
+        self.jobs = jobs
+        self.settings = settings
+        self.visualizations = visualizations
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=settings.queue_size)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._catalog_ready = threading.Event()
+        self._current: Job | None = None
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="convscope-executor", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and self._catalog_ready.is_set() and not self._stopping.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel queued and running jobs (recording why) and stop the thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        reason = Cancelled("The server shut down before this job finished; submit it again.")
+        while True:
+            try:
+                job_id = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job = self.jobs.live(job_id) if job_id else None
+            if job is not None and not job.terminal:
+                job.finish(CANCELLED, reason)
+                self.jobs.save(job)
+        current = self._current
+        if current is not None:
+            current.cancel_event.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # the HTTP side
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Record and enqueue a validated job; a full queue raises Busy (503 + Retry-After)."""
+        if self._stopping.is_set() or not self.alive:
+            raise Busy("The server is shutting down; try again shortly.",
+                       headers={"Retry-After": str(self.settings.retry_after_s)})
+        job = Job(self.jobs.new_id(), spec)
+        self.jobs.add(job)        # recorded first: the executor may pick it up at once
+        try:
+            self._queue.put_nowait(job.id)
+        except queue.Full:
+            self.jobs.discard(job)
+            raise Busy(f"The job queue is full ({self.settings.queue_size} jobs waiting); try "
+                       "again shortly.",
+                       headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        with job.lock:
+            if job.terminal:
+                return job
+            job.cancel_event.set()
+            if job.status == QUEUED:
+                job.finish(CANCELLED, Cancelled("The job was cancelled before it started."))
+        if job.status == CANCELLED:
+            self.jobs.save(job)
+        return job
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    # the executor thread
+
+    def _loop(self) -> None:
+        self._scan_catalog()
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                break
+            job = self.jobs.live(job_id)
+            if job is None or job.terminal:
+                continue
+            if self._stopping.is_set():
+                job.finish(CANCELLED, Cancelled("The server shut down before this job started."))
+                self.jobs.save(job)
+                continue
+            self._current = job
+            try:
+                self._run(job)
+            finally:
+                self._current = None
+                self.jobs.forget(job)
+
+    def _scan_catalog(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.catalog.entries()
+                self._catalog_ready.set()
+                return
+            except Exception:  # noqa: BLE001 -- keep retrying; /ready says 503 meanwhile
+                log.exception("scanning the checkpoint directory failed; retrying")
+                self._stopping.wait(2.0)
+
+    def _run(self, job: Job) -> None:
+        with job.lock:
+            job.status, job.started = RUNNING, time.time()
+        self.jobs.save(job)
+        log.info("job %s started: %d images x %d methods", job.id[:8], len(job.spec.images),
+                 len(job.spec.methods))
+        try:
+            _JobRun(self, job).run()
+        except Cancelled as error:
+            job.finish(CANCELLED, error)
+        except ConvscopeError as error:
+            job.finish(FAILED, error)
+        except Exception:  # noqa: BLE001 -- a broken job must not stop the executor
+            log.exception("job %s failed unexpectedly", job.id[:8])
+            job.finish(FAILED, Internal("The job failed unexpectedly; the server log has details."))
+        else:
+            failed = [item for item in job.items if item.status == FAILED]
+            if failed:
+                job.finish(FAILED, {"code": failed[0].error["code"] if failed[0].error
+                                    else "E_INTERNAL",
+                                    "message": f"{len(failed)} of {len(job.items)} "
+                                               "visualizations failed; see each for the reason."})
+            else:
+                job.finish(DONE)
+        finally:
+            self.jobs.save(job)
+            _release_device_memory()
+        log.info("job %s %s (model runs %d, cache hits %d)", job.id[:8], job.status,
+                 job.model_runs, job.cache_hits)
+
+
+def _release_device_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 -- best effort only
+        pass
+
+
+class _JobRun:
+    """Runs one job's items in the executor thread; loads the model only if something is not
+    already in the result store."""
+
+    def __init__(self, executor: Executor, job: Job) -> None:
+        self.executor = executor
+        self.job = job
+        self.spec = job.spec
+        self._model: "LoadedModel | None" = None
+        self._load_error: ConvscopeError | None = None
+
+    def model(self) -> "LoadedModel":
+        """The job's model, loaded on first need. A load failure fails the whole job."""
+        if self._load_error is not None:
+            raise self._load_error
+        if self._model is None:
+            try:
+                model = self.executor.catalog.load(self.spec.model_id)
+                if model.meta.sha256 and model.meta.sha256 != self.spec.checkpoint_sha256:
+                    raise UnknownModel("The checkpoint changed after the job was submitted; "
+                                       "submit it again.")
+            except ConvscopeError as error:
+                self._load_error = error
+                raise
+            self._model = model
+        return self._model
+
+    def _job_level(self, error: BaseException) -> bool:
+        return isinstance(error, Cancelled) or error is self._load_error
+
+    def run(self) -> None:
+        for image_index, image_id in enumerate(self.spec.images):
+            if self.job.cancel_event.is_set():
+                self._raise_cancelled()
+            try:
+                outcome, view, batch = self._predict(image_index, image_id)
+            except ConvscopeError as error:
+                if self._job_level(error):
+                    raise
+                self._fail_image(image_index, error)
+                continue
+            targets = self._targets(image_id, outcome)
+            for method_index, method in enumerate(self.spec.methods):
+                self._run_item(self.job.item(image_index, method_index), image_id, method,
+                               targets, view, batch)
+
+    def _raise_cancelled(self) -> None:
+        if self.executor.stopping:
+            raise Cancelled("The server shut down while this job was running; submit it again.")
+        raise Cancelled("The job was cancelled.")
+
+    def _fail_image(self, image_index: int, error: ConvscopeError) -> None:
+        with self.job.lock:
+            for method_index in range(len(self.spec.methods)):
+                item = self.job.item(image_index, method_index)
+                item.status, item.error, item.progress = FAILED, _error_dict(error), 1.0
+        self.executor.jobs.save(self.job)
+
+    # prediction: top-k and the model view, cached like any result
+
+    def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, Any, Any]:
+        import numpy as np
+
+        store = self.executor.results
+        key = result_key(kind="prediction", image=image_id,
+                         checkpoint=self.spec.checkpoint_sha256,
+                         meta=self.spec.meta_fingerprint)
+        stored = store.get(key)
+        batch = None
+        if stored is None:
+            model = self.model()
+            view = model.model_view(self.executor.images.open(image_id))
+            batch = model.to_tensor([view])
+            probabilities = model.predict(batch)[0].float().cpu().numpy()
+            top = model.top_k(_as_tensor(probabilities), self.executor.settings.top_k)
+            stored = store.put(key, {"kind": "prediction", "image": image_id,
+                                     "checkpoint_sha256": self.spec.checkpoint_sha256,
+                                     "predictions": top, "predicted": int(np.argmax(probabilities))},
+                               {"model_view.png": _png(view),
+                                "probabilities.npy": _npy(probabilities.astype(np.float32))})
+            self._count(model_runs=1)
+        else:
+            view = _load_png(store.file(key, "model_view.png")[0])
+            probabilities = np.load(store.file(key, "probabilities.npy")[0], allow_pickle=False)
+            self._count(cache_hits=1)
+        true_index = self.spec.true_labels.get(image_id)
+        true_label = None
+        predicted = int(stored.record["predicted"])
+        if true_index is not None:
+            true_label = {"index": true_index, "label": self._class_name(true_index),
+                          "probability": float(probabilities[true_index])}
+        outcome = ImageOutcome(key, predicted, list(stored.record["predictions"]), true_label,
+                               failure=true_index is not None and true_index != predicted)
+        with self.job.lock:
+            self.job.images[image_index] = outcome
+        self.executor.jobs.save(self.job)
+        return outcome, view, batch
+
+    def _class_name(self, index: int) -> str:
+        entry = self.executor.catalog.get(self.spec.model_id)
+        return entry.meta.class_names[index] if entry.meta else str(index)
+
+    def _targets(self, image_id: str, outcome: ImageOutcome) -> list[int]:
+        """Class indices to explain: the requested ones, plus predicted and true class for a
+        failure case, so the two can be compared side by side."""
+        wanted: list[int | str] = list(self.spec.targets)
+        if outcome.failure:
+            wanted += [PREDICTED, outcome.true_label["index"]]
+        indices: list[int] = []
+        for spec in wanted:
+            index = outcome.predicted if spec == PREDICTED else int(spec)
+            if index not in indices:
+                indices.append(index)
+        return indices
+
+    # one image x one method
+
+    def _run_item(self, item: JobItem, image_id: str, method: MethodRequest,
+                  targets: Sequence[int], view: Any, batch: Any) -> None:
+        if self.job.cancel_event.is_set():
+            self._raise_cancelled()
+        with self.job.lock:
+            item.status, item.progress = RUNNING, 0.0
+        try:
+            for number, target in enumerate(targets):
+                key = result_key(kind="visualization", image=image_id,
+                                 checkpoint=self.spec.checkpoint_sha256,
+                                 meta=self.spec.meta_fingerprint, method=method.name,
+                                 params=method.params, target=target)
+                stored = self.executor.results.get(key)
+                if stored is None:
+                    progress = self._progress_callback(item, number, len(targets))
+                    stored = self._compute(key, image_id, method, target, view, batch, progress)
+                    self._count(model_runs=1)
+                else:
+                    with self.job.lock:
+                        item.cached += 1
+                    self._count(cache_hits=1)
+                with self.job.lock:
+                    item.result_keys.append(key)
+                    item.elapsed_ms += float(stored.record.get("elapsed_ms", 0.0))
+                    item.progress = (number + 1) / len(targets)
+            with self.job.lock:
+                item.status, item.progress = DONE, 1.0
+        except Cancelled:
+            with self.job.lock:
+                item.status = CANCELLED
+            raise
+        except ConvscopeError as error:
+            if self._job_level(error):
+                with self.job.lock:
+                    item.status = FAILED
+                raise
+            with self.job.lock:
+                item.status, item.error, item.progress = FAILED, _error_dict(error), 1.0
+        except Exception:  # noqa: BLE001 -- record, keep the job and the executor going
+            log.exception("visualization %s failed in job %s", method.name, self.job.id[:8])
+            with self.job.lock:
+                item.status, item.progress = FAILED, 1.0
+                item.error = _error_dict(Internal("This visualization failed unexpectedly; the "
+                                                  "server log has details."))
+        self.executor.jobs.save(self.job)
+
+    def _progress_callback(self, item: JobItem, number: int, count: int) -> Callable[[float], None]:
+        def report(fraction: float) -> None:
+            with self.job.lock:
+                item.progress = (number + fraction) / count
+        return report
+
+    def _compute(self, key: str, image_id: str, method: MethodRequest, target: int, view: Any,
+                 batch: Any, progress: Callable[[float], None]):
+        from visualizations.base import RunContext
+
+        model = self.model()
+        if batch is None:
+            batch = model.to_tensor([view])
+        visualization = self.executor.visualizations.get(method.name)
+        params = visualization.parse_params(method.params, model.meta)
+        context = RunContext(progress=progress, cancel_event=self.job.cancel_event,
+                             batch_size=self.executor.settings.batch_size)
+        result = visualization.run(model, batch, [target], params, context)
+        files: dict[str, bytes] = {}
+        panels = []
+        for number, panel in enumerate(result.panels):
+            panels.append(_store_panel(number, panel, view, files))
+        record = {"kind": "visualization", "image": image_id, "method": method.name,
+                  "title": visualization.title, "params": result.params,
+                  "checkpoint_sha256": self.spec.checkpoint_sha256, "target": target,
+                  "elapsed_ms": round(result.elapsed_ms, 3), "panels": panels}
+        return self.executor.results.put(key, record, files)
+
+    def _count(self, *, model_runs: int = 0, cache_hits: int = 0) -> None:
+        with self.job.lock:
+            self.job.model_runs += model_runs
+            self.job.cache_hits += cache_hits
+
+
+def _store_panel(number: int, panel: Any, view: "Image.Image", files: dict[str, bytes]) -> dict:
+    """Render one panel into ``files`` and describe it for result.json."""
+    import numpy as np
+
+    prefix = f"panel-{number}"
+    files[f"{prefix}-values.npy"] = _npy(np.asarray(panel.values))
+    description = {"title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
+                   "target": panel.target.to_dict() if panel.target is not None else None,
+                   "files": {"array": f"{prefix}-values.npy"}}
+    if panel.kind == "heatmap":
+        from app.rendering import render_panel
+
+        rendered = render_panel(panel, view, OVERLAY_OPACITY)
+        files[f"{prefix}-overlay.png"] = rendered.overlay_png
+        files[f"{prefix}-heatmap.png"] = rendered.heatmap_png
+        description["files"].update(overlay=f"{prefix}-overlay.png",
+                                    heatmap=f"{prefix}-heatmap.png")
+        low, high = rendered.value_range
+    else:
+        from PIL import Image
+
+        files[f"{prefix}-image.png"] = _png(Image.fromarray(np.asarray(panel.values,
+                                                                       dtype=np.uint8)))
+        description["files"].update(image=f"{prefix}-image.png")
+        low, high = panel.value_range
+    description["value_range"] = [float(low), float(high)]
+    return description
+
+
+def _as_tensor(array: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(array)
+
+
+def _png(image: "Image.Image") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _load_png(path: Path) -> "Image.Image":
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB") if image.mode not in ("RGB", "L") else image.copy()
+
+
+def _npy(array: Any) -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

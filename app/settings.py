@@ -1,0 +1,165 @@
+"""The server's configuration: one frozen ``Settings`` built from ``CONVSCOPE_*`` environment
+variables and ``create_app(test_config)``, validated once at startup.
+
+Bad configuration fails when the app is built (``ConfigInvalid`` naming the variable), never on
+the first request. ``test_config`` keys are the field names below (lower case); they win over
+the environment. Everything else in the app reads settings from here, not from ``os.environ``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from app.errors import ConfigInvalid
+
+ENV_PREFIX = "CONVSCOPE_"
+
+
+def default_data_dir() -> Path:
+    """Per-user cache directory: results are a cache (content-addressed, safe to delete), so they
+    go where caches go rather than into whatever directory the server was started from."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "convscope"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings. Each field's metadata names its environment variable and help text
+    (the README's configuration table is this list)."""
+
+    checkpoint_dir: Path | None = field(default=None, metadata={
+        "help": "checkpoint directory to serve (default: the bundled demo)"})
+    data_dir: Path = field(default_factory=default_data_dir, metadata={
+        "help": "where uploaded images, results and job records are stored"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    trust_code: bool = field(default=False, metadata={
+        "help": "allow checkpoints that execute code when loaded"})
+    queue_size: int = field(default=16, metadata={
+        "help": "jobs that may wait for the executor; more are refused with 503 E_BUSY", "min": 1})
+    retry_after_s: int = field(default=5, metadata={
+        "help": "Retry-After seconds sent with 503 E_BUSY", "min": 1})
+    max_cost: int = field(default=5000, metadata={
+        "help": "most model evaluations one visualization may need per image and target "
+                "(E_TOO_EXPENSIVE above)", "min": 1})
+    max_images_per_job: int = field(default=16, metadata={"help": "images in one job", "min": 1})
+    max_targets_per_job: int = field(default=5, metadata={
+        "help": "target classes in one job", "min": 1})
+    max_files_per_request: int = field(default=16, metadata={
+        "help": "image files in one upload request", "min": 1})
+    max_request_mb: float = field(default=64.0, metadata={
+        "help": "largest request body in MiB (413 above)", "min": 0.001})
+    top_k: int = field(default=5, metadata={"help": "predictions listed per image", "min": 1})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "perturbation/step batch size for the methods (default: each method decides)",
+        "min": 1})
+    secret_key: str = field(default="", repr=False, metadata={
+        "help": "signs session cookies and CSRF tokens (default: random per process)"})
+    testing: bool = field(default=False, metadata={"help": "Flask testing mode"})
+
+    def as_table(self) -> list[tuple[str, str, str]]:
+        """(environment variable, default, help) rows for documentation."""
+        rows = []
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            rows.append((env_name(f.name), "" if default in (None, "") else str(default),
+                         f.metadata.get("help", "")))
+        return rows
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _field_type(f: dataclasses.Field) -> str:
+    text = str(f.type)
+    for name in ("bool", "int", "float", "Path", "str"):
+        if text.startswith(name):
+            return name
+    raise AssertionError(f"unsupported settings type {text}")
+
+
+def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    """Convert an environment string or a test_config value to the field's type."""
+    kind = _field_type(f)
+    nullable = "None" in str(f.type)
+
+    def bad(expected: str) -> ConfigInvalid:
+        return ConfigInvalid(f"{source} must be {expected}, got {str(raw)[:80]!r}.",
+                             fields={env_name(f.name): expected})
+
+    if raw is None or (isinstance(raw, str) and raw.strip() == "" and nullable):
+        if nullable:
+            return None
+        raise bad("set")
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise bad("true or false")
+    if kind in ("int", "float"):
+        if isinstance(raw, bool):
+            raise bad("a number")
+        try:
+            value = int(str(raw).strip()) if kind == "int" else float(str(raw).strip())
+        except ValueError:
+            raise bad("an integer" if kind == "int" else "a number") from None
+        low = f.metadata.get("min")
+        if low is not None and value < low:
+            raise bad(f"at least {low}")
+        return value
+    if kind == "Path":
+        return Path(str(raw)).expanduser()
+    return str(raw)
+
+
+def load_settings(test_config: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default ``os.environ``) overridden by ``test_config``.
+
+    Unknown ``test_config`` keys are refused so a typo cannot silently fall back to a default.
+    """
+    environ = os.environ if environ is None else environ
+    overrides = dict(test_config or {})
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigInvalid(f"Unknown setting {unknown[0]!r}; known: {', '.join(fields)}.",
+                            fields={name: "unknown setting" for name in unknown})
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in overrides:
+            values[name] = _convert(f, overrides[name], f"setting {name!r}")
+        elif env_name(name) in environ:
+            values[name] = _convert(f, environ[env_name(name)], env_name(name))
+    settings = Settings(**values)
+    return _validated(settings)
+
+
+def _validated(settings: Settings) -> Settings:
+    """Check what can be checked before serving: directories exist / can be created."""
+    if settings.checkpoint_dir is not None and not settings.checkpoint_dir.is_dir():
+        raise ConfigInvalid("The checkpoint directory does not exist or is not a directory.",
+                            fields={env_name("checkpoint_dir"): "an existing directory"})
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        raise ConfigInvalid("The data directory cannot be created or is not writable.",
+                            fields={env_name("data_dir"): "a writable directory"}) from None
+    if not settings.secret_key:
+        # Random per process: CSRF tokens and sessions do not survive a restart or span workers.
+        settings = dataclasses.replace(settings, secret_key=secrets.token_hex(32))
+    return settings

@@ -1,0 +1,25 @@
+"""HTTP views: the HTML pages and their JSON twins under ``/api/v1``."""
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from flask import Flask
+
+
+def isotime(timestamp: float | None) -> str:
+    """A Unix time as local ``YYYY-MM-DD HH:MM:SS`` (empty for None)."""
+    if timestamp is None:
+        return ""
+    return datetime.datetime.fromtimestamp(float(timestamp)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def init_app(app: Flask, settings: Any) -> None:
+    from app import __version__
+    from app.views.api import api
+    from app.views.pages import pages
+
+    app.jinja_env.filters["isotime"] = isotime
+    app.jinja_env.globals["version"] = __version__
+    app.register_blueprint(pages)
+    app.register_blueprint(api)

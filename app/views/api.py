@@ -1,0 +1,135 @@
+"""The JSON API under ``/api/v1``. Errors are raised as ``app.errors`` classes and turned into
+``{"error": {...}}`` responses by ``app.http_errors``; no route builds an error body itself."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
+
+from app import __version__
+from app.errors import BadRequest
+from app.factory import services
+from app.http_errors import coded_error
+from app.jobs import parse_job_request
+from app.views.presenters import job_view, model_detail, model_summary
+from app.views.security import FILE_CONTENT_SECURITY_POLICY
+from app.views.uploads import UPLOAD_FIELD, store_uploads
+
+api = Blueprint("api", __name__, url_prefix="/api/v1")
+
+# Content-addressed files never change; a day of browser caching is safe.
+_IMMUTABLE = "private, max-age=86400, immutable"
+
+
+def _services():
+    return services(current_app)
+
+
+@api.get("/health")
+def health() -> Response:
+    """Liveness: cheap, never touches a model."""
+    return jsonify(status="ok", version=__version__, device=str(_services().device))
+
+
+@api.get("/ready")
+def ready() -> Response:
+    """Readiness: 503 until the catalog is scanned and the executor runs, and while stopping."""
+    executor = _services().executor
+    if executor.stopping:
+        raise coded_error("E_NOT_READY", 503, "The server is shutting down.",
+                          headers={"Retry-After": "5"})
+    if not executor.ready:
+        raise coded_error("E_NOT_READY", 503, "The server is starting; try again shortly.",
+                          headers={"Retry-After": "1"})
+    return jsonify(status="ready", queued=executor.queued())
+
+
+@api.get("/models")
+def models() -> Response:
+    return jsonify(models=[model_summary(entry) for entry in _services().catalog.entries()])
+
+
+@api.get("/models/<model_id>")
+def model(model_id: str) -> Response:
+    return jsonify(model_detail(_services().catalog.get(model_id)))
+
+
+@api.get("/visualizations")
+def visualizations() -> Response:
+    """Every method with its parameters; ``?model=<id>`` fills model-dependent choices
+    (e.g. CAM layers) and adds ``supported``/``unsupported_reason``."""
+    svc = _services()
+    meta = None
+    if request.args.get("model"):
+        entry = svc.catalog.get(request.args["model"])
+        meta = entry.meta
+    described = []
+    for visualization in svc.visualizations:
+        record = visualization.describe(meta)
+        if meta is not None:
+            reason = visualization.supports(meta)
+            record.update(supported=reason is None, unsupported_reason=reason)
+        described.append(record)
+    return jsonify(visualizations=described)
+
+
+@api.post("/images")
+def upload_images() -> tuple[Response, int]:
+    records = store_uploads(request.files.getlist(UPLOAD_FIELD), _services().images,
+                            max_files=_services().settings.max_files_per_request)
+    return jsonify(images=[record.to_dict() for record in records]), 201
+
+
+@api.get("/images/<image_id>")
+def image(image_id: str) -> Response:
+    path = _services().images.png_path(image_id)
+    response = send_file(path, mimetype="image/png", download_name=f"{image_id[:16]}.png",
+                         conditional=True, max_age=86400)
+    response.headers["Cache-Control"] = _IMMUTABLE
+    response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
+    return response
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        raise coded_error("E_UNSUPPORTED_MEDIA_TYPE", 415,
+                          "Send the job as JSON (Content-Type: application/json).")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("The request body is not valid JSON.")
+    return body
+
+
+@api.post("/jobs")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    svc = _services()
+    spec = parse_job_request(_json_body(), catalog=svc.catalog, images=svc.images,
+                             settings=svc.settings, visualizations=svc.visualizations)
+    job = svc.executor.submit(spec)
+    page = url_for("pages.job", job_id=job.id)
+    return (jsonify(id=job.id, url=page, api_url=url_for("api.job", job_id=job.id)), 202,
+            {"Location": url_for("api.job", job_id=job.id)})
+
+
+@api.get("/jobs/<job_id>")
+def job(job_id: str) -> Response:
+    svc = _services()
+    return jsonify(job_view(svc.jobs.get(job_id), svc))
+
+
+@api.delete("/jobs/<job_id>")
+def cancel_job(job_id: str) -> Response:
+    svc = _services()
+    return jsonify(job_view(svc.executor.cancel(job_id), svc))
+
+
+@api.get("/results/<key>/<name>")
+def result_file(key: str, name: str) -> Response:
+    path, mimetype = _services().results.file(key, name)
+    as_attachment = not mimetype.startswith("image/")
+    response = send_file(path, mimetype=mimetype, as_attachment=as_attachment,
+                         download_name=f"{key[:12]}-{name}", conditional=True, max_age=86400)
+    response.headers["Cache-Control"] = _IMMUTABLE
+    response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
+    return response
+

@@ -1,0 +1,110 @@
+"""Plain dicts describing models and jobs, shared by the JSON API and the HTML pages.
+
+A page renders exactly what its JSON twin returns, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flask import url_for
+
+from app.errors import ResultExpired
+
+if TYPE_CHECKING:
+    from app.factory import Services
+    from app.jobs import Job
+
+
+def model_summary(entry: Any) -> dict[str, Any]:
+    """The API's model record (``GET /api/v1/models``)."""
+    return entry.to_dict()
+
+
+def model_detail(entry: Any) -> dict[str, Any]:
+    """Everything the catalog knows about one checkpoint (``/models`` and its JSON twin)."""
+    record = model_summary(entry)
+    record.update(size=entry.size, sha256=entry.sha256)
+    meta = entry.meta
+    if meta is not None:
+        record.update(
+            input_size=list(meta.input_size), channels=meta.channels, mean=list(meta.mean),
+            std=list(meta.std), resize=meta.resize, cam_layers=list(meta.cam_layers),
+            default_cam_layer=meta.default_cam_layer,
+            cam_unsupported_reason=meta.cam_unsupported_reason, parameters=meta.parameters,
+            adapter=meta.adapter)
+    return record
+
+
+def _panel(key: str, panel: dict[str, Any]) -> dict[str, Any]:
+    files = panel.get("files", {})
+
+    def file_url(name: str | None) -> str | None:
+        return url_for("api.result_file", key=key, name=name) if name else None
+
+    image = files.get("image")
+    return {"title": panel["title"], "kind": panel.get("kind", "heatmap"),
+            "target": panel.get("target"), "signed": panel.get("signed", False),
+            "overlay_url": file_url(files.get("overlay") or image),
+            "heatmap_url": file_url(files.get("heatmap") or image),
+            "array_url": file_url(files.get("array")),
+            "json_url": file_url("result.json"),
+            "value_range": panel.get("value_range")}
+
+
+def _expired() -> dict[str, Any]:
+    return ResultExpired("This result has expired and was removed; run the job again.").to_dict()
+
+
+def job_view(job: "Job", services: "Services") -> dict[str, Any]:
+    """``GET /api/v1/jobs/<id>``: status, progress, and the results known so far."""
+    record = job.to_record()
+    spec = job.spec
+    registry = services.visualizations
+    items = record["items"]
+    per_method = len(spec.methods)
+    results = []
+    for image_index, image_id in enumerate(spec.images):
+        outcome = record["images"].get(str(image_index))
+        prediction = services.results.get(outcome["prediction_key"]) if outcome else None
+        visualizations = []
+        for method_index, method in enumerate(spec.methods):
+            item = items[image_index * per_method + method_index]
+            entry: dict[str, Any] = {
+                "name": method.name, "title": _title(registry, method.name),
+                "params": dict(method.params), "elapsed_ms": round(item["elapsed_ms"], 1),
+                "status": item["status"], "progress": item["progress"], "error": item["error"],
+                "cached": item["cached"], "panels": []}
+            for key in item["result_keys"]:
+                stored = services.results.get(key)
+                if stored is None:
+                    entry["error"] = entry["error"] or _expired()
+                    continue
+                entry["params"] = dict(stored.record.get("params", entry["params"]))
+                entry["panels"].extend(_panel(key, panel) for panel in stored.record["panels"])
+            visualizations.append(entry)
+        results.append({
+            "image": image_id, "filename": spec.filenames[image_index],
+            "image_url": url_for("api.image", image_id=image_id),
+            "model_view_url": url_for("api.result_file", key=prediction.key,
+                                      name="model_view.png") if prediction else None,
+            "true_label": outcome["true_label"] if outcome else None,
+            "failure": bool(outcome and outcome["failure"]),
+            "predictions": outcome["predictions"] if outcome else [],
+            "visualizations": visualizations})
+    return {"id": job.id, "status": record["status"], "progress": round(record["progress"], 4),
+            "error": record["error"], "url": url_for("pages.job", job_id=job.id),
+            "api_url": url_for("api.job", job_id=job.id),
+            "created": record["created"], "started": record["started"],
+            "finished": record["finished"],
+            "model": {"id": spec.model_id, "file": spec.model_file,
+                      "sha256": spec.checkpoint_sha256},
+            "methods": [{"name": m.name, "title": _title(registry, m.name)} for m in spec.methods],
+            "targets": list(spec.targets), "model_runs": record["model_runs"],
+            "cache_hits": record["cache_hits"], "results": results}
+
+
+def _title(registry: Any, name: str) -> str:
+    try:
+        return registry.get(name).title
+    except Exception:  # noqa: BLE001 -- a method removed since the job ran keeps its name
+        return name

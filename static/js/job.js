@@ -1,0 +1,68 @@
+// Job page: live progress while the job runs (polling its JSON twin), then the opacity sliders.
+// Without this script the page refreshes itself every few seconds (<noscript> meta refresh).
+"use strict";
+
+(function () {
+  document.documentElement.classList.add("js");
+  const root = document.getElementById("job");
+  if (!root) return;
+
+  document.querySelectorAll(".panel").forEach((panel) => {
+    const slider = panel.querySelector(".opacity-slider");
+    const layer = panel.querySelector(".layer");
+    if (!slider || !layer) return;
+    const apply = () => { layer.style.opacity = slider.value; };
+    slider.addEventListener("input", apply);
+    apply();
+  });
+
+  if (root.dataset.finished === "true") return;
+
+  const terminal = new Set(["done", "failed", "cancelled"]);
+  const statusBadge = document.getElementById("job-status");
+  const overall = document.getElementById("job-progress");
+  const percent = document.getElementById("job-percent");
+  let failures = 0;
+
+  function update(job) {
+    statusBadge.textContent = job.status;
+    statusBadge.className = "status status-" + job.status;
+    overall.value = job.progress;
+    percent.textContent = Math.round(job.progress * 100) + "%";
+    document.getElementById("model-runs").textContent = job.model_runs;
+    document.getElementById("cache-hits").textContent = job.cache_hits;
+    job.results.forEach((result, imageIndex) => {
+      result.visualizations.forEach((item, methodIndex) => {
+        const selector = '[data-image="' + imageIndex + '"][data-method="' + methodIndex + '"]';
+        const bar = document.querySelector("progress.item-progress" + selector);
+        const text = document.querySelector(".item-status" + selector);
+        if (bar) bar.value = item.progress;
+        if (text) text.textContent = item.status;
+      });
+    });
+  }
+
+  async function poll() {
+    try {
+      const response = await fetch(root.dataset.apiUrl, {
+        credentials: "same-origin", headers: { "Accept": "application/json" },
+      });
+      if (response.ok) {
+        const job = await response.json();
+        update(job);
+        if (terminal.has(job.status)) {
+          window.location.reload();
+          return;
+        }
+        failures = 0;
+      } else {
+        failures += 1;
+      }
+    } catch (error) {
+      failures += 1;
+    }
+    window.setTimeout(poll, Math.min(10000, 700 * (1 + failures)));
+  }
+
+  window.setTimeout(poll, 500);
+})();

@@ -1,0 +1,182 @@
+// Workbench: drag-and-drop / file-picker uploads with thumbnails, then the job as JSON.
+// Without this script the form still works: it posts files and fields to "/" in one request.
+// User data (file names, error messages) is only ever inserted with textContent.
+"use strict";
+
+(function () {
+  document.documentElement.classList.add("js");
+  const form = document.getElementById("workbench");
+  if (!form) return;
+
+  const fileInput = document.getElementById("image-input");
+  const list = document.getElementById("image-list");
+  const dropzone = document.getElementById("dropzone");
+  const status = document.getElementById("submit-status");
+  const runButton = document.getElementById("run-button");
+  const maxFiles = Number(form.dataset.maxFiles || 16);
+  const uploads = [];
+
+  function say(message) {
+    status.textContent = message;
+  }
+
+  function apiError(body, response) {
+    const error = body && body.error;
+    return new Error(error ? error.code + ": " + error.message : "HTTP " + response.status);
+  }
+
+  async function postImage(file) {
+    const data = new FormData();
+    data.append("image", file, file.name);
+    const response = await fetch(form.dataset.uploadUrl, {
+      method: "POST", body: data, credentials: "same-origin",
+    });
+    const body = await response.json().catch(() => null);
+    if (!response.ok) throw apiError(body, response);
+    return body.images[0];
+  }
+
+  function addFile(file) {
+    const item = document.createElement("li");
+    item.className = "thumb";
+    const thumbnail = document.createElement("img");
+    thumbnail.alt = "";
+    const previewUrl = URL.createObjectURL(file);
+    thumbnail.src = previewUrl;
+    const name = document.createElement("span");
+    name.className = "filename";
+    name.textContent = file.name;
+    const state = document.createElement("span");
+    state.className = "state";
+    state.textContent = "uploading…";
+    const label = document.createElement("label");
+    label.textContent = "True label (optional)";
+    const trueLabel = document.createElement("input");
+    trueLabel.className = "true-label";
+    trueLabel.setAttribute("list", "class-names");
+    label.append(trueLabel);
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", "Remove " + file.name);
+    item.append(thumbnail, name, state, label, remove);
+    list.append(item);
+
+    const upload = { item, id: null, trueLabel };
+    upload.done = postImage(file).then((image) => {
+      upload.id = image.id;
+      item.dataset.imageId = image.id;
+      state.textContent = "ready · " + image.width + "×" + image.height;
+      thumbnail.src = form.dataset.imageUrl.replace("IMAGE_ID", image.id);
+      URL.revokeObjectURL(previewUrl);
+    }).catch((error) => {
+      item.classList.add("failed");
+      state.textContent = error.message;
+    });
+    remove.addEventListener("click", () => {
+      uploads.splice(uploads.indexOf(upload), 1);
+      item.remove();
+      URL.revokeObjectURL(previewUrl);
+      fileInput.focus();
+    });
+    uploads.push(upload);
+  }
+
+  function addFiles(files) {
+    const room = maxFiles * 4 - uploads.length;
+    Array.from(files).slice(0, Math.max(0, room)).forEach(addFile);
+    fileInput.value = "";
+  }
+
+  fileInput.addEventListener("change", () => addFiles(fileInput.files));
+  ["dragenter", "dragover"].forEach((type) => dropzone.addEventListener(type, (event) => {
+    event.preventDefault();
+    dropzone.classList.add("dragging");
+  }));
+  ["dragleave", "drop"].forEach((type) => dropzone.addEventListener(type, () => {
+    dropzone.classList.remove("dragging");
+  }));
+  dropzone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer && event.dataTransfer.files) addFiles(event.dataTransfer.files);
+  });
+
+  // Another model changes the parameter choices and class list: reload the form for it.
+  form.querySelectorAll("input[name=model]").forEach((radio) => {
+    radio.addEventListener("change", () => {
+      const url = new URL(window.location.href);
+      url.search = "";
+      url.searchParams.set("model", radio.value);
+      window.location.assign(url.toString());
+    });
+  });
+
+  function lastValue(data, key) {
+    const values = data.getAll(key);
+    return values.length ? values[values.length - 1] : "";
+  }
+
+  function jobRequest(data, ready) {
+    const keys = Array.from(new Set(data.keys()));
+    const visualizations = data.getAll("method").map((name) => {
+      const prefix = "param." + name + ".";
+      const params = {};
+      keys.filter((key) => key.startsWith(prefix)).forEach((key) => {
+        const value = lastValue(data, key);
+        if (value !== "") params[key.slice(prefix.length)] = value;
+      });
+      return { name, params };
+    });
+    let targets = ["predicted"];
+    const targetClass = String(data.get("target_class") || "").trim();
+    if (data.get("target_mode") === "class" && targetClass) targets = [targetClass];
+    const images = [];
+    const trueLabels = {};
+    ready.forEach((upload) => {
+      if (!images.includes(upload.id)) images.push(upload.id);
+      const label = upload.trueLabel.value.trim();
+      if (label) trueLabels[upload.id] = label;
+    });
+    return {
+      model: data.get("model") || "latest", images, visualizations, targets,
+      true_labels: trueLabels,
+    };
+  }
+
+  form.addEventListener("submit", async (event) => {
+    if (event.submitter && event.submitter.getAttribute("formmethod") === "get") return;
+    event.preventDefault();
+    runButton.disabled = true;
+    try {
+      say("Waiting for uploads…");
+      await Promise.all(uploads.map((upload) => upload.done));
+      const ready = uploads.filter((upload) => upload.id);
+      if (!ready.length) {
+        say("Add at least one image that uploaded successfully.");
+        return;
+      }
+      const data = new FormData(form);
+      if (!data.getAll("method").length) {
+        say("Choose at least one visualization.");
+        return;
+      }
+      say("Starting the job…");
+      const response = await fetch(form.dataset.jobsUrl, {
+        method: "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json", "Accept": "application/json" },
+        body: JSON.stringify(jobRequest(data, ready)),
+      });
+      const body = await response.json().catch(() => null);
+      if (!response.ok) {
+        say(apiError(body, response).message);
+        return;
+      }
+      window.location.assign(body.url);
+    } catch (error) {
+      say("The request failed: " + error.message);
+    } finally {
+      runButton.disabled = false;
+    }
+  });
+})();
