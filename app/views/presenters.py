@@ -27,7 +27,7 @@ def model_detail(entry: Any) -> dict[str, Any]:
     meta = entry.meta
     if meta is not None:
         record.update(
-            input_size=list(meta.input_size), channels=meta.channels, mean=list(meta.mean),
+            channels=meta.channels, mean=list(meta.mean),
             std=list(meta.std), resize=meta.resize, cam_layers=list(meta.cam_layers),
             default_cam_layer=meta.default_cam_layer,
             cam_unsupported_reason=meta.cam_unsupported_reason, parameters=meta.parameters,
