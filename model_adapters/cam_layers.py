@@ -44,6 +44,8 @@ _POOLING_TYPES: tuple[type[nn.Module], ...] = (
 TRANSFORMER_REASON = ("CAM needs a convolutional feature map, but this model is a transformer that "
                       "attends over tokens; use a gradient or perturbation method instead.")
 NO_SPATIAL_REASON = "The model has no layer with a spatial feature map to compute a CAM on."
+SCRIPTED_REASON = ("TorchScript models cannot be hooked, so their layers are not available for "
+                   "CAM; save a state_dict instead.")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
         device = first.device if first is not None else torch.device("cpu")
     height, width = input_size
     probe = torch.zeros(1, channels, height, width, device=device)
+
+    if isinstance(module, torch.jit.ScriptModule):
+        with torch.no_grad():
+            return CamLayers((), None, SCRIPTED_REASON, module(probe))
 
     calls: dict[str, int] = {}
     spatial_order: list[str] = []  # names in completion order, first completion only

@@ -142,7 +142,7 @@ def read_trusted(path: Path) -> Any:
         if kind is FileKind.TORCHSCRIPT:
             return torch.jit.load(str(path), map_location="cpu")
         if kind is FileKind.EXPORT:
-            return torch.export.load(str(path)).module()
+            return ExportedModel(torch.export.load(str(path)).module())
         if kind is FileKind.SAFETENSORS:
             return _read_safetensors(path)
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -150,6 +150,23 @@ def read_trusted(path: Path) -> Any:
         log.warning("Trusted load of %s failed.", path.name, exc_info=True)
         raise CheckpointUnreadable(f"The checkpoint {path.name!r} could not be loaded even with "
                                    "--trust-code; it may be damaged.") from None
+
+
+class ExportedModel(nn.Module):
+    """A loaded ``torch.export`` program as a plain module. Exported graphs are frozen in the
+    mode they were exported in and raise on ``.train()``/``.eval()``, so this wrapper keeps
+    those calls (which every caller makes) from reaching the graph."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.program(batch)
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = mode
+        return self
 
 
 def _refuse_non_checkpoints(path: Path, kind: FileKind) -> None:

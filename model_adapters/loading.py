@@ -45,7 +45,7 @@ def loaded_model_from_module(module: nn.Module, *, architecture: str,
     height, width = (int(side) for side in input_size)
     mean_t = _per_channel(mean, channels, "mean")
     std_t = _per_channel(std, channels, "std")
-    module = module.to(device).eval()
+    module = _to_eval(module.to(device))
     cam = find_cam_layers(module, (height, width), channels, device)
     output = cam.output
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != 1:
@@ -64,6 +64,13 @@ def loaded_model_from_module(module: nn.Module, *, architecture: str,
         parameters=count_parameters(module), checkpoint_file=checkpoint_file, sha256=sha256,
         mtime=float(mtime), adapter=adapter)
     return LoadedModel(module=module, meta=meta, device=device)
+
+
+def _to_eval(module: nn.Module) -> nn.Module:
+    try:
+        return module.eval()
+    except NotImplementedError:  # torch.export modules keep the mode they were exported in
+        return module
 
 
 def _per_channel(values: Sequence[float], channels: int, what: str) -> tuple[float, ...]:
