@@ -75,7 +75,7 @@ def _from_http_exception(exc: HTTPException) -> ConvscopeError:
 
 
 def handle_convscope_error(error: ConvscopeError) -> Response:
-    if error.http_status >= 500:
+    if error.http_status >= 500 and error.http_status != 503:   # 503: busy or not ready
         log.warning("%s on %s %s: %s", error.code, request.method, request.path, error.message)
     return error_response(error)
 

@@ -53,7 +53,7 @@ def _render_workbench(error: ConvscopeError | None = None, status: int = 200,
     html = render_template(
         "pages/workbench.html", entries=entries, selected=entry,
         selected_detail=model_detail(entry) if entry is not None else None,
-        methods=_method_forms(entry), error=error, form=form or {},
+        methods=_method_forms(entry), error=error, form=form or MultiDict(),
         class_names=entry.meta.class_names if entry is not None and entry.meta else (),
         limits={"files": settings.max_files_per_request, "images": settings.max_images_per_job,
                 "request_mb": settings.max_request_mb, "max_cost": settings.max_cost})

@@ -1,0 +1,173 @@
+"""The HTML pages: workbench, job, models, errors; the no-JavaScript form path; escaping."""
+from __future__ import annotations
+
+import io
+import re
+
+from tests.web.conftest import csrf_from, png_bytes, run_job, upload, wait_job, wait_ready
+
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
+
+
+def test_workbench_lists_models_methods_and_classes(client):
+    response = client.get("/")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    assert "tiny.pt" in html and ">latest<" in html
+    assert "broken.pt" in html and "could not be loaded: E_CHECKPOINT" in html
+    for name in ("saliency", "integrated_gradients", "occlusion", "partial_occlusion", "cam",
+                 "grad_cam", "guided_grad_cam"):
+        assert f'name="method" value="{name}"' in html
+    # Generated parameter controls: label, help, bounds, default, paper link.
+    occlusion_window = re.search(r'<input type="number" id="p-occlusion-window"[^>]*>', html,
+                                 re.S).group(0)
+    assert 'min="1"' in occlusion_window and 'placeholder="auto"' in occlusion_window
+    assert 'for="p-occlusion-window"' in html and 'id="p-occlusion-window-help"' in html
+    assert re.search(r'<select id="p-grad_cam-layer"[^>]*>.*?<option value="features\.', html,
+                     re.S)
+    assert 'href="https://arxiv.org/' in html
+    assert '<datalist id="class-names">' in html and '<option value="fish">' in html
+    assert 'type="file" name="image" multiple' in html
+
+
+def test_workbench_model_query_and_unknown_model(client):
+    model_id = next(m["id"] for m in client.get("/api/v1/models").json["models"] if m["ok"])
+    assert client.get(f"/?model={model_id}").status_code == 200
+    response = client.get("/?model=nope")
+    assert response.status_code == 404 and b"E_UNKNOWN_MODEL" in response.data
+
+
+def test_no_javascript_form_uploads_and_starts_a_job(client):
+    page = client.get("/")
+    form = {"csrf_token": csrf_from(page.data), "method": ["grad_cam", "occlusion"],
+            "param.occlusion.window": "8", "param.grad_cam.relu": ["false", "true"],
+            "target_mode": "predicted", "true_label": "",
+            "image": [(io.BytesIO(png_bytes(seed=5)), "one.png"),
+                      (io.BytesIO(png_bytes(seed=6)), "two.png")]}
+    response = client.post("/", data=form, content_type="multipart/form-data")
+    assert response.status_code == 303
+    job_url = response.headers["Location"]
+    assert re.fullmatch(r"/jobs/[0-9a-f]{32}", job_url)
+    job = wait_job(client, job_url.rsplit("/", 1)[1])
+    assert job["status"] == "done" and len(job["results"]) == 2
+    occlusion = job["results"][0]["visualizations"][1]
+    assert occlusion["name"] == "occlusion" and occlusion["params"]["window"] == 8
+    assert job["results"][0]["visualizations"][0]["params"]["relu"] is True
+
+
+def test_no_javascript_form_errors_rerender_the_workbench(client):
+    page = client.get("/")
+    form = {"csrf_token": csrf_from(page.data), "param.occlusion.window": "0",
+            "method": ["occlusion"], "image": [(io.BytesIO(png_bytes(seed=5)), "one.png")]}
+    response = client.post("/", data=form, content_type="multipart/form-data")
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert "E_BAD_PARAMETER" in html and 'role="alert"' in html
+    assert re.search(r'value="occlusion"\s*checked', html)       # the choices are kept
+    response = client.post("/", data={"csrf_token": csrf_from(page.data)},
+                           content_type="multipart/form-data")
+    assert response.status_code == 400 and b"E_BAD_REQUEST" in response.data
+
+
+def test_job_page_shows_progress_then_results_failures_first(client):
+    images = upload(client, (png_bytes(seed=7), "good.png"), (png_bytes(seed=8), "bad.png"))
+    ids = [image["id"] for image in images]
+    first = run_job(client, ids)
+    predicted = first["results"][1]["predictions"][0]
+    wrong = next(label for label in ("cat", "dog") if label != predicted["label"])
+    job = run_job(client, ids, [{"name": "grad_cam"}, {"name": "partial_occlusion"}],
+                  true_labels={ids[1]: wrong})
+    html = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    assert 'data-finished="true"' in html
+    assert html.index("bad.png") < html.index("good.png")            # failure case first
+    assert "failure case" in html
+    assert 'class="opacity-slider"' in html and 'class="layer overlay"' in html
+    assert 'class="legend-bar unsigned"' in html
+    assert "overlay PNG" in html and ".npy" in html and ">JSON<" in html
+    assert "<meter" in html                                             # top-k bar chart
+    assert 'id="grid"' in html and 'class="grid-overlay"' in html       # compact grid
+    assert 'class="illustration"' in html                               # partial occlusion
+    for url in set(re.findall(r'src="(/api/v1/[^"]+)"', html)):
+        assert client.get(url).status_code == 200, url
+
+
+def test_running_job_page_has_progress_bars_and_cancel(make_app):
+    import threading
+
+    app = make_app()
+    client = app.test_client()
+    executor = app.extensions["convscope"].executor
+    gate = threading.Event()
+    original = executor._run
+    executor._run = lambda job: (gate.wait(10), original(job))
+    image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
+    job_id = client.post("/api/v1/jobs", json={"images": [image], "visualizations": [
+        {"name": "saliency"}, {"name": "grad_cam"}]}).json["id"]
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert 'data-finished="false"' in html and 'id="job-progress"' in html
+    assert len(re.findall(r'<progress class="item-progress"', html)) == 2
+    assert 'id="cancel-button"' in html
+    assert '<noscript><meta http-equiv="refresh"' in html
+    gate.set()
+    wait_job(client, job_id)
+
+
+def test_hostile_filename_is_escaped_everywhere(client):
+    image = upload(client, (png_bytes(seed=9), HOSTILE_NAME))[0]
+    assert image["filename"] == HOSTILE_NAME               # stored as given: it is only text
+    job = run_job(client, [image["id"]])
+    html = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in html
+    assert "<img src=x" not in html
+
+
+def test_models_page_shows_details_and_load_errors(client):
+    html = client.get("/models").get_data(as_text=True)
+    detail = next(m for m in client.get("/api/v1/models").json["models"] if m["ok"])
+    full = client.get(f"/api/v1/models/{detail['id']}").json
+    assert full["sha256"] in html
+    assert "CAM layers" in html and full["default_cam_layer"] in html
+    assert f"{full['parameters']:,}" in html
+    assert "32×32 px" in html
+    assert "broken.pt" in html and "E_CHECKPOINT" in html
+
+
+def test_error_pages_are_html_for_browsers_and_json_for_api_clients(client):
+    response = client.get("/nope")
+    assert response.status_code == 404 and response.mimetype == "text/html"
+    assert b"E_NOT_FOUND" in response.data
+    response = client.get("/nope", headers={"Accept": "application/json"})
+    assert response.status_code == 404 and response.json["error"]["code"] == "E_NOT_FOUND"
+    response = client.get("/jobs/" + "a" * 32)
+    assert response.status_code == 404 and b"E_NOT_FOUND" in response.data
+    response = client.put("/api/v1/health")
+    assert response.status_code == 405
+    assert response.json["error"]["code"] == "E_METHOD_NOT_ALLOWED"
+    assert "GET" in response.headers["Allow"]
+
+
+def test_unexpected_errors_are_500_without_a_traceback(make_app):
+    app = make_app(wait=False)
+
+    def broken():
+        raise RuntimeError("/secret/path/model.pt exploded")
+
+    app.add_url_rule("/api/v1/broken", "broken", broken)
+    app.add_url_rule("/broken", "broken_page", broken)
+    client = app.test_client()
+    wait_ready(client)
+    response = client.get("/api/v1/broken")
+    assert response.status_code == 500
+    assert response.json == {"error": {"code": "E_INTERNAL",
+                                       "message": "An internal error occurred."}}
+    page = client.get("/broken")
+    assert page.status_code == 500 and b"E_INTERNAL" in page.data
+    assert b"secret" not in page.data and b"Traceback" not in page.data
+
+
+def test_legend_css_and_static_assets(client):
+    css = client.get("/legend.css")
+    assert css.status_code == 200 and css.mimetype == "text/css"
+    assert ".legend-bar.signed" in css.get_data(as_text=True)
+    for asset in ("/static/css/convscope.css", "/static/js/workbench.js", "/static/js/job.js"):
+        assert client.get(asset).status_code == 200, asset
