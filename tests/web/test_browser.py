@@ -1,0 +1,169 @@
+"""The real thing: `convscope serve` with the demo model, driven by Chromium through Playwright.
+
+Uploads the cat photo through the file input (and a PNG whose file name is an XSS payload),
+runs grad_cam and occlusion, and checks the results page: overlays are loaded images, the top-1
+class is a cat, nothing was logged to the console, and the hostile name is shown as text.
+Skips when Chromium or Playwright is missing, unless ``CONVSCOPE_REQUIRE_BROWSER=1`` (CI).
+Set ``CONVSCOPE_UPDATE_SCREENSHOT=1`` to refresh ``docs/screenshot-results.png``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CAT_PHOTO = ROOT / "demo" / "images" / "chelsea.jpg"
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
+CAT_CLASSES = range(281, 286)       # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _browser_or_skip():
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "Python playwright is not installed"
+        sync_playwright = None
+    if reason is None and not os.path.exists(CHROMIUM):
+        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("CONVSCOPE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"CONVSCOPE_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except OSError:
+        return 0
+
+
+@pytest.fixture
+def demo_server(tmp_path):
+    """`convscope serve` (the demo) on a free loopback port; stopped with SIGTERM afterwards."""
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    environ = {**os.environ, "CONVSCOPE_TORCH_THREADS": "1", "CONVSCOPE_DEVICE": "cpu"}
+    command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+               "--data-dir", str(tmp_path / "data")]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while _get(base + "/api/v1/ready") != 200:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("convscope serve did not become ready:\n"
+                        + log_path.read_text(errors="replace")[-3000:])
+        time.sleep(0.25)
+    yield base
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("convscope serve did not stop on SIGTERM")
+    assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+def _png_payload() -> bytes:
+    image = Image.open(ROOT / "demo" / "images" / "coffee.jpg").convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_upload_run_and_read_results_in_chromium(demo_server):
+    sync_playwright = _browser_or_skip()
+    problems: list[str] = []
+    dialogs: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda message: message.type == "error"
+                    and problems.append(f"console: {message.text}"))
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+            page.goto(demo_server + "/")
+            page.set_input_files("#image-input", str(CAT_PHOTO))
+            page.set_input_files("#image-input", files=[{
+                "name": HOSTILE_NAME, "mimeType": "image/png", "buffer": _png_payload()}])
+            page.wait_for_selector(".thumb[data-image-id] >> nth=1", timeout=30_000)
+            names = page.locator(".thumb .filename").all_text_contents()
+            assert names == ["chelsea.jpg", HOSTILE_NAME]
+
+            page.check("input[name=method][value=grad_cam]")
+            page.check("input[name=method][value=occlusion]")
+            page.click("fieldset.method:has(input[value=occlusion]) summary")
+            page.fill("#p-occlusion-window", "56")
+            page.fill("#p-occlusion-stride", "56")
+            page.click("#run-button")
+            page.wait_for_url("**/jobs/*", timeout=30_000)
+            page.wait_for_selector("#job[data-finished=true]", timeout=180_000)
+            page.wait_for_function("Array.from(document.images).every(i => i.complete)",
+                                   timeout=30_000)
+
+            assert page.text_content("#job-status") == "done"
+            images = page.evaluate("Array.from(document.images).map("
+                                   "i => [i.className, i.naturalWidth])")
+            overlays = [width for name, width in images if "overlay" in name]
+            assert len(overlays) >= 4 and all(width > 0 for width in overlays), images
+            assert all(width > 0 for _, width in images), images
+
+            cat = page.locator("article.image-result", has=page.locator(
+                "h2.filename", has_text="chelsea.jpg"))
+            top1 = cat.locator(".topk tr.top1 .class-index").text_content()
+            assert int(top1.strip("() ")) in CAT_CLASSES, top1
+
+            # The hostile name is text on the page, and nothing it carries ever ran.
+            shown = page.locator("h2.filename").all_text_contents()
+            assert HOSTILE_NAME in shown
+            assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+
+            slider = page.locator(".opacity-slider").first
+            slider.fill("0.9")
+            opacity = page.evaluate("getComputedStyle(document.querySelector("
+                                    "'.panel .layer')).opacity")
+            assert float(opacity) == pytest.approx(0.9)
+            slider.fill("0.5")
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            screenshot = ARTIFACTS / "browser-job-results.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            if os.environ.get("CONVSCOPE_UPDATE_SCREENSHOT") == "1":
+                page.locator("article.image-result").first.screenshot(
+                    path=str(ROOT / "docs" / "screenshot-results.png"))
+        finally:
+            browser.close()
+    assert dialogs == [], f"a dialog opened: {dialogs}"
+    assert problems == [], problems
