@@ -70,7 +70,10 @@ def _build_catalog(settings: Settings, device: Any) -> Any:
     from app.catalog import ModelCatalog, demo_directory
 
     directory = settings.checkpoint_dir or demo_directory()
-    return ModelCatalog(Path(directory), device, trust_code=settings.trust_code)
+    # Never stale for HTTP threads: the executor rescans (and loads new files) on the device
+    # thread; see Executor._refresh_catalog.
+    return ModelCatalog(Path(directory), device, trust_code=settings.trust_code,
+                        rescan_seconds=float("inf"))
 
 
 def init_services(app: Flask, settings: Settings, *, catalog: Any = None) -> None:

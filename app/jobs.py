@@ -397,7 +397,13 @@ class JobStore:
 # --- the executor ------------------------------------------------------------------------------
 
 class Executor:
-    """One thread that owns the device and runs jobs, one at a time, from a bounded queue."""
+    """One thread that owns the device and runs jobs, one at a time, from a bounded queue.
+
+    Between jobs it also rescans the checkpoint directory, so a new checkpoint (a training run
+    writing ``epoch_12.pt``) is listed within seconds while HTTP threads only read the listing.
+    """
+
+    CATALOG_REFRESH_S = 1.5
 
     def __init__(self, *, catalog: Any, images: ImageStore, results: ResultStore,
                  jobs: JobStore, settings: "Settings", visualizations: Any) -> None:
@@ -494,7 +500,11 @@ class Executor:
     def _loop(self) -> None:
         self._scan_catalog()
         while True:
-            job_id = self._queue.get()
+            try:
+                job_id = self._queue.get(timeout=self.CATALOG_REFRESH_S)
+            except queue.Empty:
+                self._refresh_catalog()
+                continue
             if job_id is None:
                 break
             job = self.jobs.live(job_id)
@@ -510,6 +520,18 @@ class Executor:
             finally:
                 self._current = None
                 self.jobs.forget(job)
+            self._refresh_catalog()
+
+    def _refresh_catalog(self) -> None:
+        """Rescan the checkpoint directory here, in the device thread: a scan loads new files
+        (a forward pass), which HTTP threads must not do."""
+        refresh = getattr(self.catalog, "refresh", None)
+        if refresh is None or self._stopping.is_set():
+            return
+        try:
+            refresh()
+        except Exception:  # noqa: BLE001 -- the next refresh tries again
+            log.exception("rescanning the checkpoint directory failed")
 
     def _scan_catalog(self) -> None:
         while not self._stopping.is_set():

@@ -73,9 +73,11 @@ def make_app(tmp_path: Path, checkpoint_dir: Path) -> Iterator[Callable[..., Any
         directory = directory or checkpoint_dir
         config = {"data_dir": tmp_path / "data", "checkpoint_dir": directory, "device": "cpu",
                   "testing": True, **settings}
-        # settle_seconds=0: files written by the test are complete; list them at once.
+        # As the factory builds it (rescanned by the executor only), except settle_seconds=0:
+        # files written by the test are complete, so list them at once.
         config["catalog"] = catalog or ModelCatalog(directory, torch.device("cpu"),
-                                                    settle_seconds=0)
+                                                    settle_seconds=0,
+                                                    rescan_seconds=float("inf"))
         app = create_app(config)
         built.append(app)
         if wait:

@@ -156,3 +156,23 @@ def test_unknown_or_hostile_image_ids_are_404(client, image_id):
     response = client.get(f"/api/v1/images/{image_id}")
     assert response.status_code == 404
     assert response.json["error"]["code"] == "E_NOT_FOUND"
+
+
+def test_a_new_checkpoint_is_listed_as_latest_while_the_server_runs(client, checkpoint_dir):
+    import os
+    import shutil
+    import time
+
+    before = {m["file"] for m in client.get("/api/v1/models").json["models"]}
+    assert "epoch_2.pt" not in before
+    shutil.copy(checkpoint_dir / "tiny.pt", checkpoint_dir / "epoch_2.pt")
+    later = time.time() + 5
+    os.utime(checkpoint_dir / "epoch_2.pt", (later, later))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        models = client.get("/api/v1/models").json["models"]
+        if any(m["file"] == "epoch_2.pt" for m in models):
+            break
+        time.sleep(0.1)
+    latest = [m["file"] for m in models if m["latest"]]
+    assert latest == ["epoch_2.pt"]
