@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from app.errors import (BadParameter, BadRequest, Busy, Cancelled, ConvscopeError, Internal,
                         MethodUnsupported, NotFound, TooExpensive, UnknownModel)
-from app.stores import (ImageStore, ResultStore, atomic_write_json, canonical_json,
-                        result_key)
+from app.stores import (ImageStore, ResultStore, atomic_write_bytes, atomic_write_json,
+                        canonical_json, result_key)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -365,6 +365,16 @@ class JobStore:
         with self._lock:
             return self._live.get(job_id)
 
+    def request_cancel(self, job_id: str) -> None:
+        """Ask the process that runs a job to cancel it (it checks while the job runs)."""
+        atomic_write_bytes(self.root / f"{job_id}.cancel", b"")
+
+    def cancel_requested(self, job: Job) -> bool:
+        return (self.root / f"{job.id}.cancel").exists()   # job.id comes from new_id()
+
+    def clear_cancel_request(self, job: Job) -> None:
+        (self.root / f"{job.id}.cancel").unlink(missing_ok=True)
+
     def forget(self, job: Job) -> None:
         """Finished jobs are read from disk from now on; memory stays bounded."""
         with self._lock:
@@ -481,7 +491,12 @@ class Executor:
         return job
 
     def cancel(self, job_id: str) -> Job:
+        """Cancel a job: at once when queued here, promptly when running here, and through a
+        marker file when another server process (gunicorn worker) owns it."""
         job = self.jobs.get(job_id)
+        if self.jobs.live(job.id) is None and not job.terminal:
+            self.jobs.request_cancel(job.id)
+            return job
         with job.lock:
             if job.terminal:
                 return job
@@ -569,6 +584,7 @@ class Executor:
                 job.finish(DONE)
         finally:
             self.jobs.save(job)
+            self.jobs.clear_cancel_request(job)
             _release_device_memory()
         log.info("job %s %s (model runs %d, cache hits %d)", job.id[:8], job.status,
                  job.model_runs, job.cache_hits)
@@ -588,12 +604,15 @@ class _JobRun:
     """Runs one job's items in the executor thread; loads the model only if something is not
     already in the result store."""
 
+    CHECKPOINT_S = 1.0
+
     def __init__(self, executor: Executor, job: Job) -> None:
         self.executor = executor
         self.job = job
         self.spec = job.spec
         self._model: "LoadedModel | None" = None
         self._load_error: ConvscopeError | None = None
+        self._last_checkpoint = time.monotonic()
 
     def model(self) -> "LoadedModel":
         """The job's model, loaded on first need. A load failure fails the whole job."""
@@ -616,6 +635,8 @@ class _JobRun:
 
     def run(self) -> None:
         for image_index, image_id in enumerate(self.spec.images):
+            if self.executor.jobs.cancel_requested(self.job):
+                self.job.cancel_event.set()
             if self.job.cancel_event.is_set():
                 self._raise_cancelled()
             try:
@@ -751,7 +772,19 @@ class _JobRun:
         def report(fraction: float) -> None:
             with self.job.lock:
                 item.progress = (number + fraction) / count
+            self._checkpoint()
         return report
+
+    def _checkpoint(self) -> None:
+        """At most every ``CHECKPOINT_S``: save progress for other server processes and pick up
+        a cancel requested through one of them."""
+        now = time.monotonic()
+        if now - self._last_checkpoint < self.CHECKPOINT_S:
+            return
+        self._last_checkpoint = now
+        if self.executor.jobs.cancel_requested(self.job):
+            self.job.cancel_event.set()
+        self.executor.jobs.save(self.job)
 
     def _compute(self, key: str, image_id: str, method: MethodRequest, target: int, view: Any,
                  batch: Any, progress: Callable[[float], None]):

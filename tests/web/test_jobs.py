@@ -315,3 +315,22 @@ def test_shutdown_cancels_queued_and_running_jobs_with_a_recorded_status(make_ap
         assert "shut down" in job["error"]["message"]
     response = submit(client, [image])
     assert response.status_code == 503 and response.json["error"]["code"] == "E_BUSY"
+
+
+@pytest.mark.slow
+def test_a_second_server_process_sees_progress_and_can_cancel(make_app, tmp_path):
+    """Two apps on one data directory stand for two gunicorn workers: a request may reach
+    the one that does not run the job."""
+    directory = write_checkpoint_dir(tmp_path / "slow", factory="SlowNet", size=48)
+    owner = make_app(directory=directory, batch_size=4, max_cost=100000).test_client()
+    other = make_app(directory=directory).test_client()
+    image = upload(owner, (png_bytes(seed=3), "photo.png"))[0]["id"]
+    job_id = submit(owner, [image], [{"name": "occlusion",
+                                      "params": {"window": 1, "stride": 1}}]).json["id"]
+    seen = wait_job(other, job_id, timeout=15, until=lambda job: job["progress"] > 0)
+    assert seen["status"] == "running"
+    response = other.delete(f"/api/v1/jobs/{job_id}")
+    assert response.status_code == 200
+    job = wait_job(owner, job_id, timeout=10)
+    assert job["status"] == "cancelled"
+    assert wait_job(other, job_id, timeout=5)["status"] == "cancelled"
