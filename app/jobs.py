@@ -518,6 +518,8 @@ class Executor:
             try:
                 job_id = self._queue.get(timeout=self.CATALOG_REFRESH_S)
             except queue.Empty:
+                if self._stopping.is_set():
+                    break
                 self._refresh_catalog()
                 continue
             if job_id is None:
@@ -558,6 +560,9 @@ class Executor:
                 log.exception("scanning the checkpoint directory failed; retrying")
                 self._stopping.wait(2.0)
 
+    def _cancel_reason(self) -> Cancelled:
+        return Cancelled(_cancel_reason_text(self._stopping.is_set()))
+
     def _run(self, job: Job) -> None:
         with job.lock:
             job.status, job.started = RUNNING, time.time()
@@ -566,8 +571,8 @@ class Executor:
                  len(job.spec.methods))
         try:
             _JobRun(self, job).run()
-        except Cancelled as error:
-            job.finish(CANCELLED, error)
+        except Cancelled:
+            job.finish(CANCELLED, self._cancel_reason())
         except ConvscopeError as error:
             job.finish(FAILED, error)
         except Exception:  # noqa: BLE001 -- a broken job must not stop the executor
@@ -588,6 +593,11 @@ class Executor:
             _release_device_memory()
         log.info("job %s %s (model runs %d, cache hits %d)", job.id[:8], job.status,
                  job.model_runs, job.cache_hits)
+
+
+def _cancel_reason_text(stopping: bool) -> str:
+    return ("The server shut down while this job was running; submit it again." if stopping
+            else "The job was cancelled.")
 
 
 def _release_device_memory() -> None:
@@ -652,9 +662,7 @@ class _JobRun:
                                targets, view, batch)
 
     def _raise_cancelled(self) -> None:
-        if self.executor.stopping:
-            raise Cancelled("The server shut down while this job was running; submit it again.")
-        raise Cancelled("The job was cancelled.")
+        raise Cancelled(_cancel_reason_text(self.executor.stopping))
 
     def _fail_image(self, image_index: int, error: ConvscopeError) -> None:
         with self.job.lock:
