@@ -205,11 +205,14 @@ class Panel:
     signed: bool = False
     target: TargetInfo | None = None
     kind: str = "heatmap"
+    scale: tuple[float, float] | None = None  # fixed colour scale (e.g. probabilities 0..1)
 
     @property
     def value_range(self) -> tuple[float, float]:
         if self.kind != "heatmap":
             return (0.0, 255.0)
+        if self.scale is not None:
+            return (float(self.scale[0]), float(self.scale[1]))
         low, high = float(self.values.min()), float(self.values.max())
         if self.signed:
             bound = max(abs(low), abs(high))

@@ -1,0 +1,89 @@
+"""Shared helpers for the benchmark scripts: model setup, best-of timing, ratio printing.
+
+Benchmarks print ratios measured side by side in one run; absolute times on a shared CPU are
+noise, ratios much less so. Weights are random (no downloads): speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Callable
+
+import torch
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="resnet18 and fewer repeats (about a minute)")
+    parser.add_argument("--model", default=None,
+                        help="torchvision architecture (default resnet50; resnet18 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (best is kept)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    args.model = args.model or ("resnet18" if args.quick else "resnet50")
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    torch.set_num_threads(args.threads)
+    os.environ["CONVSCOPE_TORCH_THREADS"] = str(args.threads)
+    return args
+
+
+def build_model(architecture: str, device: str, size: int = 224):
+    """A random-weight torchvision classifier wrapped as a LoadedModel."""
+    import torchvision
+
+    from model_adapters.loading import loaded_model_from_module
+
+    torch.manual_seed(0)
+    module = torchvision.models.get_model(architecture, weights=None)
+    return loaded_model_from_module(module, architecture=architecture, input_size=(size, size),
+                                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                    class_names=None, device=device)
+
+
+def fresh_module(architecture: str, device: str) -> torch.nn.Module:
+    """The same architecture as a user would hold it: contiguous NCHW weights, eval mode."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.get_model(architecture, weights=None).eval().to(device)
+
+
+def image(device: str, size: int = 224) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(1, 3, size, size, generator=generator).to(device)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_time(function: Callable[[], object], repeats: int, device: str, *,
+              warmup: bool = True) -> float:
+    """Best wall time in seconds of ``repeats`` calls, after one warm-up call (skip it for long
+    runs once the process is warm)."""
+    if warmup:
+        function()
+        synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def print_header(title: str, args: argparse.Namespace) -> None:
+    print(f"# {title}")
+    print(f"# model={args.model} device={args.device} threads={args.threads} "
+          f"repeats={args.repeats} torch={torch.__version__}")
+
+
+def print_row(name: str, seconds: float, reference: float, target: str = "") -> None:
+    ratio = seconds / reference if reference > 0 else float("nan")
+    suffix = f"   (target {target})" if target else ""
+    print(f"{name:<58s} {seconds * 1000:10.1f} ms   {ratio:6.2f}x{suffix}")

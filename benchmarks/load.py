@@ -1,0 +1,411 @@
+"""Load test: real gunicorn (gunicorn.conf.py) with the demo model on CPU, many concurrent users.
+
+    .venv/bin/python benchmarks/load.py                     # 16 clients x 120 s
+    .venv/bin/python benchmarks/load.py --quick             # 4 clients x 15 s (the test suite)
+    .venv/bin/python benchmarks/load.py --clients 32 --duration 300 --methods grad_cam,occlusion
+
+Each client, in a loop: uploads a new image (some clients re-send earlier ones, which the result
+cache answers), submits a job with a cheap method (mostly grad_cam/saliency, now and then a
+coarse occlusion), backs off for ``Retry-After`` on 503 ``E_BUSY``, polls the job to the end and
+fetches one result file. Traffic goes only to 127.0.0.1.
+
+Pass criteria (printed, and the exit status): no 5xx other than 503 E_BUSY carrying Retry-After,
+no connection errors, every accepted job ends "done", the server answers health at the end, and
+the workers' resident memory (VmRSS from /proc) is flat after warm-up: the median of the last
+window is within ``--rss-tolerance-mb`` of the median of the first window after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = ("done", "failed", "cancelled")
+
+
+# --- a real gunicorn server --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class GunicornServer:
+    """gunicorn with the project's gunicorn.conf.py on a free loopback port."""
+
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+    data_dir: Path
+
+    @property
+    def master_pid(self) -> int:
+        return self.process.pid
+
+    def worker_pids(self) -> list[int]:
+        """Live worker processes (children of the master), from /proc."""
+        children = Path(f"/proc/{self.master_pid}/task/{self.master_pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0, path: str = "/api/v1/ready") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n"
+                                   f"{self.log()[-3000:]}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.base_url + path, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.25)
+        raise RuntimeError(f"gunicorn not ready after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, as a container stop does; SIGKILL if it overstays ``timeout``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None = None,
+                    ready_timeout: float = 90.0) -> Iterator[GunicornServer]:
+    """Start gunicorn (demo model unless env names a checkpoint dir) and stop it afterwards."""
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convscope-")))
+        port = free_port()
+        log_path = data_dir.parent / f"gunicorn-{port}.log"
+        environ = {**os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
+                   "CONVSCOPE_DATA_DIR": str(data_dir), "CONVSCOPE_DEVICE": "cpu",
+                   "CONVSCOPE_ACCESS_LOG": "0", "CONVSCOPE_TORCH_THREADS":
+                   os.environ.get("CONVSCOPE_TORCH_THREADS", "1"), **(env or {})}
+        log_file = stack.enter_context(open(log_path, "wb"))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")],
+            cwd=ROOT, env=environ, stdout=log_file, stderr=subprocess.STDOUT)
+        server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path, data_dir)
+        try:
+            server.wait_ready(ready_timeout)
+            yield server
+        finally:
+            server.stop()
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# --- traffic -------------------------------------------------------------------------------
+
+def make_image(seed: int) -> bytes:
+    """A distinct smallish photo-like JPEG per seed (so results are not all cache hits)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(180, 400)), int(rng.integers(180, 400))
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * rng.uniform(0.2, 1.0)) % 256, (y * rng.uniform(0.2, 1.0)) % 256,
+                     ((x + y) * rng.uniform(0.1, 0.5)) % 256], axis=-1)
+    noise = rng.normal(0, 12, base.shape)
+    pixels = np.clip(base + noise, 0, 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+# method name, params, weight: cheap methods dominate; a coarse occlusion now and then.
+DEFAULT_MIX = [
+    ("grad_cam", {}, 6),
+    ("saliency", {}, 3),
+    ("occlusion", {"window": 56, "stride": 56}, 1),
+]
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    statuses: collections.Counter = field(default_factory=collections.Counter)
+    bad: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    outcomes: collections.Counter = field(default_factory=collections.Counter)
+    busy_without_retry_after: int = 0
+    job_seconds: list[float] = field(default_factory=list)
+
+    def record(self, what: str, response: requests.Response) -> None:
+        with self.lock:
+            self.statuses[(what, response.status_code)] += 1
+            if response.status_code >= 500:
+                code = _error_code(response)
+                if response.status_code == 503 and code == "E_BUSY":
+                    if not response.headers.get("Retry-After"):
+                        self.busy_without_retry_after += 1
+                        self.bad.append(f"{what}: 503 E_BUSY without Retry-After")
+                else:
+                    self.bad.append(f"{what}: {response.status_code} {code} "
+                                    f"{response.text[:200]!r}")
+
+    def problem(self, message: str) -> None:
+        with self.lock:
+            self.bad.append(message)
+
+
+def _error_code(response: requests.Response) -> str | None:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class Client(threading.Thread):
+    def __init__(self, number: int, base_url: str, deadline: float, tally: Tally,
+                 mix: list[tuple[str, dict, int]], seed: int) -> None:
+        super().__init__(name=f"client-{number}", daemon=True)
+        self.number, self.base_url, self.deadline, self.tally = number, base_url, deadline, tally
+        self.mix = mix
+        self.random = random.Random(seed)
+        self.session = requests.Session()
+        self.uploaded: list[str] = []
+
+    def call(self, what: str, method: str, path: str, **kwargs: Any) -> requests.Response | None:
+        try:
+            response = self.session.request(method, self.base_url + path, timeout=60, **kwargs)
+        except requests.RequestException as error:
+            self.tally.problem(f"{what}: {type(error).__name__}: {str(error)[:200]}")
+            return None
+        self.tally.record(what, response)
+        return response
+
+    def run(self) -> None:
+        iteration = 0
+        while time.monotonic() < self.deadline:
+            iteration += 1
+            self.one_round(iteration)
+
+    def one_round(self, iteration: int) -> None:
+        if self.uploaded and self.random.random() < 0.25:
+            image_id = self.random.choice(self.uploaded)       # a repeat: the cache answers
+        else:
+            data = make_image(self.number * 100_000 + iteration)
+            response = self.call("upload", "POST", "/api/v1/images",
+                                 files={"image": (f"client{self.number}-{iteration}.jpg", data,
+                                                  "image/jpeg")})
+            if response is None or response.status_code != 201:
+                time.sleep(1)
+                return
+            image_id = response.json()["images"][0]["id"]
+            self.uploaded.append(image_id)
+        name, params, _ = self.random.choices(self.mix, weights=[m[2] for m in self.mix])[0]
+        response = self.call("submit", "POST", "/api/v1/jobs", json={
+            "model": "latest", "images": [image_id],
+            "visualizations": [{"name": name, "params": params}], "targets": ["predicted"]})
+        if response is None:
+            time.sleep(1)
+            return
+        if response.status_code == 503:
+            retry_after = float(response.headers.get("Retry-After") or 5)
+            # Honour Retry-After, with jitter so clients do not return in lock-step.
+            time.sleep(min(retry_after * self.random.uniform(0.5, 1.0),
+                           max(0.0, self.deadline - time.monotonic())))
+            return
+        if response.status_code != 202:
+            self.tally.problem(f"submit: unexpected {response.status_code} {response.text[:200]!r}")
+            return
+        job_id = response.json()["id"]
+        with self.tally.lock:
+            self.tally.accepted.append(job_id)
+        self.follow(job_id)
+
+    def follow(self, job_id: str, patience: float = 180.0) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < patience:
+            response = self.call("poll", "GET", f"/api/v1/jobs/{job_id}")
+            if response is None or response.status_code != 200:
+                time.sleep(1)
+                continue
+            record = response.json()
+            if record["status"] in TERMINAL:
+                with self.tally.lock:
+                    self.tally.outcomes[record["status"]] += 1
+                    self.tally.job_seconds.append(time.monotonic() - started)
+                if record["status"] != "done":
+                    self.tally.problem(f"job {job_id} ended {record['status']}: "
+                                       f"{record.get('error')}")
+                else:
+                    self.fetch_one_result(record)
+                return
+            time.sleep(0.5)
+        self.tally.problem(f"job {job_id} did not finish within {patience} s")
+        with self.tally.lock:
+            self.tally.outcomes["unfinished"] += 1
+
+    def fetch_one_result(self, record: dict) -> None:
+        for result in record.get("results", []):
+            for visualization in result.get("visualizations", []):
+                for panel in visualization.get("panels", []):
+                    response = self.call("result file", "GET", panel["overlay_url"])
+                    if response is not None and response.status_code != 200:
+                        self.tally.problem(f"overlay {response.status_code}")
+                    return
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, server: GunicornServer, interval: float = 1.0) -> None:
+        super().__init__(name="rss", daemon=True)
+        self.server, self.interval = server, interval
+        self.samples: list[tuple[float, int, tuple[int, ...]]] = []  # (t, total KiB, pids)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        while not self.stopped.wait(self.interval):
+            pids = tuple(self.server.worker_pids())
+            sizes = [rss_kib(pid) for pid in pids]
+            self.samples.append((time.monotonic() - started,
+                                 sum(size for size in sizes if size), pids))
+
+
+def run_load(server: GunicornServer, *, clients: int, duration: float, warmup: float,
+             mix: list[tuple[str, dict, int]], rss_tolerance_mb: float,
+             drain_timeout: float = 180.0) -> dict[str, Any]:
+    tally = Tally()
+    sampler = RssSampler(server)
+    sampler.start()
+    started = time.monotonic()
+    deadline = started + duration
+    threads = [Client(number, server.base_url, deadline, tally, mix, seed=number)
+               for number in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:   # clients stop submitting at the deadline, then follow their jobs
+        thread.join(duration + drain_timeout)
+    elapsed = time.monotonic() - started
+    sampler.stopped.set()
+    sampler.join()
+    health = requests.get(server.base_url + "/api/v1/health", timeout=10).status_code
+
+    samples = sampler.samples
+    window = max(5.0, min(15.0, (duration - warmup) / 4))
+    first = [kib for t, kib, _ in samples if warmup <= t < warmup + window]
+    last = [kib for t, kib, _ in samples if duration - window <= t < duration]
+    pid_sets = {pids for _, _, pids in samples if pids}
+    rss_first = statistics.median(first) / 1024 if first else float("nan")
+    rss_last = statistics.median(last) / 1024 if last else float("nan")
+    rss_peak = max((kib for _, kib, _ in samples), default=0) / 1024
+    growth = rss_last - rss_first
+    busy = sum(count for (what, status), count in tally.statuses.items()
+               if what == "submit" and status == 503)
+    accepted = len(tally.accepted)
+    checks = {
+        "no 5xx except 503 E_BUSY with Retry-After, no connection errors": not tally.bad,
+        "every accepted job done": accepted > 0 and tally.outcomes["done"] == accepted,
+        "health answers at the end": health == 200,
+        "same workers throughout (none crashed)": len(pid_sets) == 1,
+        f"worker RSS flat after warm-up (growth < {rss_tolerance_mb:.0f} MB)":
+            bool(first and last) and growth < rss_tolerance_mb,
+    }
+    return {
+        "clients": clients, "duration_s": duration, "elapsed_s": round(elapsed, 1),
+        "requests": sum(tally.statuses.values()),
+        "statuses": {f"{what} {status}": count
+                     for (what, status), count in sorted(tally.statuses.items())},
+        "jobs_accepted": accepted, "jobs_busy_503": busy, "job_outcomes": dict(tally.outcomes),
+        "job_seconds_median": round(statistics.median(tally.job_seconds), 2)
+        if tally.job_seconds else None,
+        "jobs_per_minute": round(tally.outcomes["done"] / elapsed * 60, 1),
+        "rss_mb_after_warmup": round(rss_first, 1), "rss_mb_end": round(rss_last, 1),
+        "rss_mb_peak": round(rss_peak, 1), "rss_growth_mb": round(growth, 1),
+        "problems": tally.bad[:20], "problem_count": len(tally.bad),
+        "checks": checks, "ok": all(checks.values()),
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"load test: {summary['clients']} clients x {summary['duration_s']:.0f} s "
+          f"(elapsed {summary['elapsed_s']} s, {summary['requests']} requests)")
+    for key, count in summary["statuses"].items():
+        print(f"  {key:<22} {count}")
+    print(f"  jobs: {summary['jobs_accepted']} accepted, {summary['jobs_busy_503']} refused "
+          f"busy (503 E_BUSY), outcomes {summary['job_outcomes']}, median "
+          f"{summary['job_seconds_median']} s from submit to end, "
+          f"{summary['jobs_per_minute']} done/min")
+    print(f"  worker RSS: {summary['rss_mb_after_warmup']} MB after warm-up -> "
+          f"{summary['rss_mb_end']} MB at the end (growth {summary['rss_growth_mb']} MB, "
+          f"peak {summary['rss_mb_peak']} MB)")
+    for problem in summary["problems"]:
+        print(f"  problem: {problem}")
+    for name, passed in summary["checks"].items():
+        print(f"  [{'PASS' if passed else 'FAIL'}] {name}")
+    print("RESULT:", "OK" if summary["ok"] else "FAILED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds of traffic")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds before memory counts as warm (default: a quarter)")
+    parser.add_argument("--quick", action="store_true", help="4 clients x 15 s (the test suite)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods to use instead of the default mix")
+    parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
+    parser.add_argument("--checkpoint-dir", default=None, help="default: the bundled demo")
+    parser.add_argument("--server-log", default=None, help="copy gunicorn's log here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.duration = 4, 15.0
+    warmup = args.warmup if args.warmup is not None else args.duration / 4
+    mix = DEFAULT_MIX
+    if args.methods:
+        mix = [(name, {}, 1) for name in args.methods.split(",")]
+    env = {"CONVSCOPE_CHECKPOINT_DIR": args.checkpoint_dir} if args.checkpoint_dir else {}
+    started = time.monotonic()
+    with gunicorn_server(env) as server:
+        print(f"gunicorn ready at {server.base_url} in {time.monotonic() - started:.1f} s "
+              f"(master {server.master_pid}, workers {server.worker_pids()})", flush=True)
+        summary = run_load(server, clients=args.clients, duration=args.duration, warmup=warmup,
+                           mix=mix, rss_tolerance_mb=args.rss_tolerance_mb)
+        if args.server_log:
+            Path(args.server_log).write_text(server.log())
+    print_summary(summary)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
