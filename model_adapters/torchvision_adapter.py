@@ -61,7 +61,7 @@ def load_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor], path: Pa
         module = build(architecture, num_classes, meta=False, **build_kwargs)
     load_strict(module, fitted, path.name)
     return finish_checkpoint_model(module, architecture=architecture, config=config,
-                                   defaults=default_preprocess(architecture), path=path,
+                                   defaults=default_preprocess(architecture, module), path=path,
                                    device=device, adapter=TorchvisionAdapter.name)
 
 

@@ -155,19 +155,25 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GENERIC_PREPROCESS = DefaultPreprocess((224, 224), 256, IMAGENET_MEAN, IMAGENET_STD)
 
 
-@lru_cache(maxsize=None)
-def default_preprocess(architecture: str) -> DefaultPreprocess:
+def default_preprocess(architecture: str, module: nn.Module | None = None) -> DefaultPreprocess:
     """Resize/crop/mean/std from torchvision's weights metadata (offline: no download).
 
-    The DEFAULT weights' recipe is used, unless the architecture has a fixed input size when
-    built without weights (ViT: ``image_size=224``) that DEFAULT does not match (vit_h_14's
-    DEFAULT is the 518 px SWAG recipe); then the first recipe with that crop size is used.
+    The DEFAULT weights' recipe is used, unless the model has a fixed input size (ViT's
+    ``image_size``, 224 when built without weights) that DEFAULT does not match -- vit_h_14's
+    DEFAULT is the 518 px SWAG recipe -- then the first recipe with that crop size is used.
+    ``module`` is the built model (built on ``meta`` here when not given).
     """
+    if module is None:
+        module = build(architecture)
+    return _default_preprocess(architecture, getattr(module, "image_size", None))
+
+
+@lru_cache(maxsize=None)
+def _default_preprocess(architecture: str, fixed_size: int | None) -> DefaultPreprocess:
     try:
         weights_enum = torchvision.models.get_model_weights(architecture)
     except (ValueError, KeyError):
         return GENERIC_PREPROCESS
-    fixed_size = getattr(build(architecture), "image_size", None)
     recipes = [weights_enum.DEFAULT] + [w for w in weights_enum if w is not weights_enum.DEFAULT]
     for weights in recipes:
         transform = weights.transforms()
