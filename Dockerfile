@@ -61,10 +61,12 @@ RUN pip install --no-deps -e . \
     && install -m 0755 scripts/container-healthcheck /usr/local/bin/convscope-healthcheck \
     && python -m compileall -q app visualizations model_adapters
 
+# matplotlib's font cache is built here, not on the first request of every new container.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/convscope --create-home \
         --shell /usr/sbin/nologin convscope \
-    && mkdir -p /checkpoints /data \
-    && chown convscope:convscope /data
+    && mkdir -p /checkpoints /data /var/cache/matplotlib \
+    && MPLCONFIGDIR=/var/cache/matplotlib python -c "import matplotlib.font_manager" \
+    && chown -R convscope:convscope /data /var/cache/matplotlib
 VOLUME ["/data"]
 
 ENV CONVSCOPE_BIND=0.0.0.0:8000 \
@@ -72,7 +74,7 @@ ENV CONVSCOPE_BIND=0.0.0.0:8000 \
     CONVSCOPE_DATA_DIR=/data \
     CONVSCOPE_DEVICE=auto \
     CONVSCOPE_GRACEFUL_TIMEOUT=30 \
-    MPLCONFIGDIR=/tmp/matplotlib \
+    MPLCONFIGDIR=/var/cache/matplotlib \
     HOME=/var/lib/convscope
 
 USER convscope

@@ -15,6 +15,8 @@ Why these choices:
   few seconds longer): on SIGTERM a worker stops accepting, finishes in-flight requests, then the
   ``worker_exit`` hook cancels queued and running jobs with a recorded status.
 - Logs (access, gunicorn and application) go to stdout, for ``docker logs``/journald.
+- After a 413 the rest of the oversized body is read and discarded (bounded), so a client still
+  uploading can finish and read the error page instead of meeting a connection reset.
 
 Every value can be overridden by the environment variables named below (``CONVSCOPE_*``).
 """
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
+import logging
 import os
+import time
 from typing import Any, Mapping
 
 
@@ -88,7 +92,44 @@ def first_free_slot(used: set[int]) -> int:
     return next(slot for slot in itertools.count() if slot not in used)
 
 
+def discard_unread_body(req: Any, *, max_bytes: int, seconds: float) -> bool:
+    """Read and drop what is left of a request body; True when it was all read.
+
+    Bounded by bytes and time (the socket's timeout is set per read), so a slow or endless
+    upload cannot hold an HTTP thread for long; past the bounds the connection just closes."""
+    body = getattr(req, "body", None)
+    sock = getattr(getattr(req, "unreader", None), "sock", None)
+    if body is None:
+        return True
+    prior_timeout = sock.gettimeout() if sock is not None else None
+    deadline = time.monotonic() + seconds
+    drained = 0
+    try:
+        while drained <= max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if sock is not None:
+                sock.settimeout(remaining)
+            data = body.read(64 * 1024)
+            if not data:
+                return True
+            drained += len(data)
+        return False
+    except Exception as error:  # the client went away, a malformed chunk, a timeout: give up
+        logging.getLogger("gunicorn.error").debug("not draining a refused body: %r", error)
+        return False
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(prior_timeout)
+            except OSError:
+                pass
+
+
 _GPU_COUNT = visible_gpu_count()
+_DRAIN_MAX_BYTES = _int_env("CONVSCOPE_DRAIN_MAX_MB", 256) * 1024 * 1024
+_DRAIN_SECONDS = 15.0
 _LOG_LEVEL = os.environ.get("CONVSCOPE_LOG_LEVEL", "info").upper()
 
 wsgi_app = "app:create_app()"
@@ -143,6 +184,13 @@ def post_fork(server: Any, worker: Any) -> None:
     if device is not None:
         os.environ["CONVSCOPE_DEVICE"] = device
         server.log.info("worker %s uses %s", worker.pid, device)
+
+
+def post_request(worker: Any, req: Any, environ: dict, resp: Any) -> None:
+    """After a 413 (body over the limit, refused before it was read): discard the rest of the
+    body, so the connection ends with a readable response rather than a reset."""
+    if resp is not None and getattr(resp, "status_code", None) == 413:
+        discard_unread_body(req, max_bytes=_DRAIN_MAX_BYTES, seconds=_DRAIN_SECONDS)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

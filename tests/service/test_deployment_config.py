@@ -53,7 +53,7 @@ def test_every_setting_is_a_real_gunicorn_setting_with_a_valid_value(monkeypatch
     for name, value in settings_of(conf).items():
         assert name in config.settings, f"{name} is not a gunicorn setting (typo?)"
         config.set(name, value)  # runs gunicorn's validator
-    hooks = {"pre_fork", "post_fork", "worker_exit"}
+    hooks = {"pre_fork", "post_fork", "post_request", "worker_exit"}
     assert hooks <= set(conf) and all(name in config.settings for name in hooks)
 
 
@@ -213,3 +213,57 @@ def test_healthcheck_fails_when_nothing_listens(healthcheck, monkeypatch):
         port = probe.getsockname()[1]
     monkeypatch.setenv("CONVSCOPE_BIND", f"127.0.0.1:{port}")
     assert healthcheck.main() == 1
+
+
+# --- draining a refused body (the 413 path; exercised for real in test_gunicorn_server) ----
+
+class FakeBody:
+    def __init__(self, total: int, error_after: int | None = None) -> None:
+        self.left, self.read_so_far, self.error_after = total, 0, error_after
+
+    def read(self, size: int) -> bytes:
+        if self.error_after is not None and self.read_so_far >= self.error_after:
+            raise ConnectionResetError("client went away")
+        size = min(size, self.left)
+        self.left -= size
+        self.read_so_far += size
+        return b"x" * size
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.timeouts = []
+
+    def gettimeout(self):
+        return None
+
+    def settimeout(self, value) -> None:
+        self.timeouts.append(value)
+
+
+def test_discard_reads_the_whole_body_within_bounds(conf):
+    body, sock = FakeBody(5 * 1024 * 1024), FakeSocket()
+    request = SimpleNamespace(body=body, unreader=SimpleNamespace(sock=sock))
+    assert conf["discard_unread_body"](request, max_bytes=8 * 1024 * 1024, seconds=10)
+    assert body.left == 0
+    assert sock.timeouts[-1] is None and all(0 < t <= 10 for t in sock.timeouts[:-1])
+
+
+def test_discard_gives_up_past_the_byte_cap_or_on_errors(conf):
+    discard = conf["discard_unread_body"]
+    endless = SimpleNamespace(body=FakeBody(10**12), unreader=None)
+    assert discard(endless, max_bytes=1024 * 1024, seconds=10) is False
+    assert endless.body.read_so_far <= 1024 * 1024 + 64 * 1024
+    broken = SimpleNamespace(body=FakeBody(10**6, error_after=1000), unreader=None)
+    assert discard(broken, max_bytes=10**7, seconds=10) is False
+    assert discard(SimpleNamespace(), max_bytes=1, seconds=1) is True
+
+
+def test_post_request_only_drains_after_a_413(conf):
+    body = FakeBody(1000)
+    request = SimpleNamespace(body=body, unreader=None)
+    conf["post_request"](None, request, {}, SimpleNamespace(status_code=201))
+    assert body.left == 1000
+    conf["post_request"](None, request, {}, None)
+    conf["post_request"](None, request, {}, SimpleNamespace(status_code=413))
+    assert body.left == 0
