@@ -47,9 +47,10 @@ def load_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor], path: Pa
                                 config: CheckpointConfig, device: torch.device) -> LoadedModel:
     architecture = config.model.architecture
     if architecture is None:
-        architecture, build_kwargs, num_classes, fitted = _recognize(state_dict, path.name)
+        architecture, build_kwargs, fitted = _recognize(state_dict, path.name)
     else:
-        build_kwargs, num_classes, fitted = _fit_named(architecture, state_dict)
+        build_kwargs, fitted = _fit_named(architecture, state_dict)
+    num_classes = build_kwargs.pop("num_classes")
     wanted = config.model.num_classes
     if wanted is not None and wanted != num_classes:
         raise CheckpointMismatch(f"The checkpoint {path.name!r} has {num_classes} classes but "
@@ -66,13 +67,13 @@ def load_torchvision_state_dict(state_dict: Mapping[str, torch.Tensor], path: Pa
 
 
 def _recognize(state_dict: Mapping[str, torch.Tensor], file_name: str
-               ) -> tuple[str, dict[str, Any], int, dict[str, torch.Tensor]]:
+               ) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     for prefix in candidate_prefixes(list(state_dict)):
         stripped = strip_prefix(state_dict, prefix)
         match = recognize(stripped)
         if match is not None:
-            fingerprint, num_classes = match
-            return fingerprint.architecture, dict(fingerprint.build_kwargs), num_classes, stripped
+            fingerprint, kwargs = match
+            return fingerprint.architecture, {**dict(fingerprint.build_kwargs), **kwargs}, stripped
     raise CheckpointUnrecognized(
         f"The checkpoint {file_name!r} does not match any torchvision classification "
         "architecture; name one (model.architecture) or a model factory (model.factory) in "
@@ -80,7 +81,7 @@ def _recognize(state_dict: Mapping[str, torch.Tensor], file_name: str
 
 
 def _fit_named(architecture: str, state_dict: Mapping[str, torch.Tensor]
-               ) -> tuple[dict[str, Any], int, dict[str, torch.Tensor]]:
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Fit the prefix against a named architecture; on no exact match, return the closest
     variant so the strict load names the offending keys."""
     if architecture not in classification_architectures():
@@ -90,12 +91,13 @@ def _fit_named(architecture: str, state_dict: Mapping[str, torch.Tensor]
     fallback = None
     for fingerprint in fingerprints_of(architecture):
         fitted = fit_prefix(state_dict, set(fingerprint.shapes))
-        num_classes = fingerprint.num_classes_of(fitted)
-        if num_classes is not None:
-            return dict(fingerprint.build_kwargs), num_classes, fitted
+        kwargs = fingerprint.match(fitted)
+        if kwargs is not None:
+            return {**dict(fingerprint.build_kwargs), **kwargs}, fitted
         if fallback is None:
             widths = [tuple(fitted[key].shape)[0] for key in sorted(fingerprint.class_keys)
                       if key in fitted and fitted[key].dim() > 0]
-            fallback = (dict(fingerprint.build_kwargs), widths[0] if widths else 1000, fitted)
+            fallback = ({**dict(fingerprint.build_kwargs),
+                         "num_classes": widths[0] if widths else 1000}, fitted)
     assert fallback is not None
     return fallback

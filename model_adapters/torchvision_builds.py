@@ -7,6 +7,7 @@ assigns the checkpoint's tensors straight into the meta-built module.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,22 +85,43 @@ class Fingerprint:
     shapes: Mapping[str, tuple[int, ...]]
     class_keys: frozenset[str]     # keys whose first dimension is num_classes
 
-    def num_classes_of(self, state_dict: Mapping[str, torch.Tensor]) -> int | None:
-        """The class count if ``state_dict`` has exactly this shape apart from it, else None."""
+    def match(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+        """Builder kwargs (``num_classes``, plus ``image_size`` for a ViT fine-tuned at another
+        resolution) when ``state_dict`` has exactly this shape apart from those, else None."""
         if set(state_dict) != set(self.shapes):
             return None
         widths = set()
+        extra: dict[str, Any] = {}
         for key, expected in self.shapes.items():
             actual = tuple(state_dict[key].shape)
             if key in self.class_keys:
                 if len(actual) != len(expected) or actual[1:] != expected[1:]:
                     return None
                 widths.add(actual[0])
+            elif key == _VIT_POSITIONS and actual != expected:
+                image_size = _vit_image_size(actual, expected, self.shapes)
+                if image_size is None:
+                    return None
+                extra["image_size"] = image_size
             elif actual != expected:
                 return None
         if len(widths) > 1:
             return None
-        return widths.pop() if widths else _PROBE_CLASSES
+        return {"num_classes": widths.pop() if widths else _PROBE_CLASSES, **extra}
+
+
+# A ViT's position embedding has one row per patch (+1 class token), so its length gives the
+# image size the checkpoint was trained at (e.g. the 384/512/518 px SWAG fine-tunes).
+_VIT_POSITIONS = "encoder.pos_embedding"
+
+
+def _vit_image_size(actual: tuple[int, ...], expected: tuple[int, ...],
+                    shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    patch = shapes.get("conv_proj.weight", (0,))[-1]
+    if len(actual) != 3 or (actual[0], actual[2]) != (expected[0], expected[2]) or patch < 1:
+        return None
+    side = math.isqrt(actual[1] - 1)
+    return side * patch if side * side == actual[1] - 1 else None
 
 
 @lru_cache(maxsize=None)
@@ -132,13 +154,14 @@ def fingerprint_index() -> dict[frozenset[str], list[Fingerprint]]:
         return _index
 
 
-def recognize(state_dict: Mapping[str, torch.Tensor]) -> tuple[Fingerprint, int] | None:
-    """The architecture (variant) and class count whose keys and shapes match exactly."""
+def recognize(state_dict: Mapping[str, torch.Tensor]
+              ) -> tuple[Fingerprint, dict[str, Any]] | None:
+    """The architecture (variant) whose keys and shapes match, with its builder kwargs."""
     candidates = fingerprint_index().get(frozenset(state_dict), [])
     for fingerprint in candidates:
-        num_classes = fingerprint.num_classes_of(state_dict)
-        if num_classes is not None:
-            return fingerprint, num_classes
+        kwargs = fingerprint.match(state_dict)
+        if kwargs is not None:
+            return fingerprint, kwargs
     return None
 
 

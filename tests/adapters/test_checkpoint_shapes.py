@@ -146,3 +146,37 @@ def test_factory_config_round_trips_with_kwargs_and_prefix(tmp_path: Path) -> No
     assert loaded.meta.default_cam_layer == "features"
     torch.testing.assert_close(logits(loaded.module, probe_batch(32)),
                                logits(model, probe_batch(32)))
+
+
+@pytest.mark.slow
+def test_every_torchvision_architecture_is_recognized_by_its_keys() -> None:
+    # Shapes only (meta tensors): recognition never reads values, so this covers all ~80
+    # architectures at any class count without allocating their weights.
+    from model_adapters.torchvision_builds import build, classification_architectures, recognize
+
+    for name in classification_architectures():
+        state = build(name, num_classes=7).state_dict()
+        match = recognize(state)
+        assert match is not None, name
+        fingerprint, kwargs = match
+        assert fingerprint.architecture == name and kwargs == {"num_classes": 7}, (name, kwargs)
+
+
+def test_vit_fine_tuned_at_another_resolution_is_recognized() -> None:
+    from model_adapters.torchvision_builds import build, default_preprocess, recognize
+
+    state = build("vit_b_16", num_classes=5, image_size=384).state_dict()
+    fingerprint, kwargs = recognize(_prefixed(state, "")) or (None, None)
+    assert fingerprint is not None and fingerprint.architecture == "vit_b_16"
+    assert kwargs == {"num_classes": 5, "image_size": 384}
+    assert default_preprocess("vit_b_16", build("vit_b_16", image_size=384)).input_size == \
+        (384, 384)
+
+
+def test_googlenet_without_aux_heads_is_recognized() -> None:
+    from model_adapters.torchvision_builds import build, recognize
+
+    state = build("googlenet", num_classes=3, aux_logits=False, init_weights=False).state_dict()
+    match = recognize(state)
+    assert match is not None and match[0].architecture == "googlenet"
+    assert dict(match[0].build_kwargs)["aux_logits"] is False
