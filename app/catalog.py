@@ -145,7 +145,8 @@ class ModelCatalog:
                 if key in self._models:
                     return self._models[key]
             path = self._path_of(entry.file)
-            if path is None or self._stat_key(path, entry.file) != key[:3]:
+            if (path is None or self._stat_key(path, entry.file) != key[:3]
+                    or key[3] != self._config_stamp):
                 raise UnknownModel(f"The checkpoint {entry.file!r} changed on disk; "
                                    "pick it again from the model list.")
             loaded = load_checkpoint(path, self._config, self.device, trust_code=self.trust_code)

@@ -78,7 +78,9 @@ class CheckpointConfig:
         if self.labels_file is not None:
             return _inside(self.directory, self.labels_file, "labels.file")
         default = self.directory / DEFAULT_LABELS_FILE
-        return default if default.is_file() else None
+        if not default.is_file():
+            return None
+        return _inside(self.directory, DEFAULT_LABELS_FILE, "labels.file")  # no symlink escape
 
     def weights_path(self) -> Path | None:
         """The checkpoint file named by ``[model] weights``, or None when not set."""

@@ -82,3 +82,12 @@ def test_package_weights_resolve_to_the_installed_file(tmp_path: Path) -> None:
         with pytest.raises(ConfigInvalid) as raised:
             resolve_weights(bad, tmp_path)
         assert "model.weights" in raised.value.fields
+
+
+def test_labels_symlink_out_of_the_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "secret.txt").write_text("a\nb\n")
+    (tmp_path / "runs" / "labels.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(ConfigInvalid) as raised:
+        read_config(tmp_path / "runs").labels_path()
+    assert "labels.file" in raised.value.fields

@@ -1,8 +1,6 @@
 """The bundled pretrained demo model recognizes the bundled photos."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
