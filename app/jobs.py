@@ -534,6 +534,8 @@ class Executor:
             self._current = job
             try:
                 self._run(job)
+            except Exception:  # noqa: BLE001 -- e.g. the job record cannot be saved (disk full)
+                log.exception("job %s could not be recorded", job.id[:8])
             finally:
                 self._current = None
                 self.jobs.forget(job)
@@ -588,9 +590,9 @@ class Executor:
             else:
                 job.finish(DONE)
         finally:
-            self.jobs.save(job)
-            self.jobs.clear_cancel_request(job)
             _release_device_memory()
+            self.jobs.clear_cancel_request(job)
+            self.jobs.save(job)
         log.info("job %s %s (model runs %d, cache hits %d)", job.id[:8], job.status,
                  job.model_runs, job.cache_hits)
 

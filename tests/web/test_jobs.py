@@ -334,3 +334,28 @@ def test_a_second_server_process_sees_progress_and_can_cancel(make_app, tmp_path
     job = wait_job(owner, job_id, timeout=10)
     assert job["status"] == "cancelled"
     assert wait_job(other, job_id, timeout=5)["status"] == "cancelled"
+
+
+def test_a_full_disk_fails_the_job_with_storage_full_and_the_executor_survives(client, image_id,
+                                                                             monkeypatch):
+    from app import stores
+
+    real_replace = stores.os.replace
+
+    def disk_full(source, target):
+        if "results" in str(target):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(stores.os, "replace", disk_full)
+    job = run_job(client, [image_id], [{"name": "saliency"}])
+    assert job["status"] == "failed"
+    codes = {job["error"]["code"]} | {v["error"]["code"] for v in
+                                      job["results"][0]["visualizations"] if v["error"]}
+    assert codes == {"E_STORAGE_FULL"}
+    page = client.get(f"/jobs/{job['id']}")
+    assert page.status_code == 200 and b"E_STORAGE_FULL" in page.data
+    data_dir = client.application.extensions["convscope"].settings.data_dir
+    assert not [p for p in (data_dir / "results").iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.undo()
+    assert run_job(client, [image_id], [{"name": "saliency"}])["status"] == "done"
