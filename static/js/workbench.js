@@ -13,7 +13,7 @@
   const dropzone = document.getElementById("dropzone");
   const status = document.getElementById("submit-status");
   const runButton = document.getElementById("run-button");
-  const maxFiles = Number(form.dataset.maxFiles || 16);
+  const maxImages = Number(form.dataset.maxImages || 16);
   const uploads = [];
 
   function say(message) {
@@ -84,8 +84,10 @@
   }
 
   function addFiles(files) {
-    const room = maxFiles * 4 - uploads.length;
-    Array.from(files).slice(0, Math.max(0, room)).forEach(addFile);
+    const chosen = Array.from(files);
+    const room = Math.max(0, maxImages - uploads.length);
+    chosen.slice(0, room).forEach(addFile);
+    if (chosen.length > room) say("A job takes at most " + maxImages + " images; the rest were left out.");
     fileInput.value = "";
   }
 
