@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from app.errors import LabelsMismatch, ModelOutputInvalid
+from app.errors import CheckpointMismatch, DeviceOOM, LabelsMismatch, ModelOutputInvalid
 from model_adapters.base import LoadedModel, ModelMeta
 from model_adapters.cam_layers import find_cam_layers
 from model_adapters.config import CheckpointConfig
@@ -46,7 +46,14 @@ def loaded_model_from_module(module: nn.Module, *, architecture: str,
     mean_t = _per_channel(mean, channels, "mean")
     std_t = _per_channel(std, channels, "std")
     module = _to_eval(module.to(device))
-    cam = find_cam_layers(module, (height, width), channels, device)
+    try:
+        cam = find_cam_layers(module, (height, width), channels, device)
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceOOM("The device ran out of memory loading this model.") from None
+    except Exception as error:  # noqa: BLE001 -- e.g. a shape error inside the model
+        raise CheckpointMismatch(
+            f"The model cannot run on a {channels}x{height}x{width} input ({type(error).__name__}); "
+            "check [preprocess] input_size and channels.") from None
     output = cam.output
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != 1:
         raise ModelOutputInvalid("The model does not return one row of class scores per image.")

@@ -127,3 +127,11 @@ def test_loaded_model_from_module_checks_the_class_count() -> None:
                                        input_size=(8, 8), mean=[0.5], std=[0.5],
                                        class_names=None)
     assert default.meta.class_names == ("class 0", "class 1", "class 2")
+
+
+def test_a_model_that_cannot_run_at_its_input_size_is_a_clear_error() -> None:
+    from app.errors import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch, match="1x16x16"):
+        loaded_model_from_module(TinyNet(), architecture="tiny", input_size=(16, 16),
+                                 mean=[0.5], std=[0.5], class_names=None, channels=1)
