@@ -10,7 +10,7 @@ from app import __version__
 from app.errors import BadRequest
 from app.factory import services
 from app.http_errors import coded_error
-from app.jobs import parse_job_request
+from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail, model_summary
 from app.views.security import FILE_CONTENT_SECURITY_POLICY
 from app.views.uploads import UPLOAD_FIELD, store_uploads

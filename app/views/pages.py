@@ -15,7 +15,8 @@ from werkzeug.datastructures import MultiDict
 
 from app.errors import ConvscopeError
 from app.factory import services
-from app.jobs import PREDICTED, TERMINAL, parse_job_request
+from app.jobs import PREDICTED, TERMINAL
+from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail
 from app.views.uploads import UPLOAD_FIELD, store_uploads
 

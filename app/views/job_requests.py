@@ -1,0 +1,123 @@
+"""A job request (the JSON body of ``POST /api/v1/jobs``, or the workbench form turned into
+it) checked completely before anything is queued: model, images, methods, parameters, targets,
+true labels and cost. Bad requests become the ConvscopeError a user should see; good ones a
+``JobSpec`` the executor can run without checking anything again."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING, Any, Mapping
+
+from app.errors import BadParameter, BadRequest, MethodUnsupported, TooExpensive, UnknownModel
+from app.jobs import PREDICTED, JobSpec, MethodRequest, meta_fingerprint
+from app.stores import ImageStore, canonical_json
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+    from model_adapters.base import ModelMeta
+
+
+def _limited_list(payload: Mapping[str, Any], name: str, limit: int, *,
+                  required: bool = True) -> list[Any]:
+    value = payload.get(name)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise BadRequest(f"{name!r} must be a non-empty list.", fields={name: "a non-empty list"})
+    if len(value) > limit:
+        raise BadRequest(f"{name!r} has {len(value)} entries; at most {limit} are allowed.",
+                         fields={name: f"at most {limit} entries"})
+    return value
+
+
+def _target_spec(meta: "ModelMeta", raw: Any) -> int | str:
+    if isinstance(raw, str) and raw.strip().lower() in (PREDICTED, "prediction", "top1"):
+        return PREDICTED
+    if not isinstance(raw, (int, str)) or isinstance(raw, bool):
+        raise BadParameter("A target must be \"predicted\", a class index or a class label.",
+                           fields={"targets": "\"predicted\", a class index or a label"})
+    return meta.class_index(raw)
+
+
+def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, settings: "Settings",
+                      visualizations: Any) -> JobSpec:
+    """Validate a job request (the JSON body of ``POST /api/v1/jobs``) into a ``JobSpec``.
+
+    Raises the ConvscopeError a user should see: unknown model/image/method/class, bad
+    parameters, a method that does not support the model, or a request over the cost cap.
+    """
+    if not isinstance(payload, Mapping):
+        raise BadRequest("The job must be a JSON object.")
+    known = {"model", "images", "visualizations", "targets", "true_labels"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise BadRequest(f"Unknown field {str(unknown[0])[:40]!r}; known: {', '.join(sorted(known))}.",
+                         fields={str(name)[:40]: "unknown field" for name in unknown[:5]})
+    model_ref = payload.get("model", "latest")
+    if not isinstance(model_ref, str) or not model_ref:
+        raise BadRequest("'model' must be a model id or \"latest\".", fields={"model": "an id"})
+    entry = catalog.get(model_ref)
+    if not entry.ok or entry.meta is None:
+        raise entry.error or UnknownModel("This model could not be loaded.")
+    meta = entry.meta
+
+    image_ids = _limited_list(payload, "images", settings.max_images_per_job)
+    filenames = []
+    for image_id in image_ids:
+        if not isinstance(image_id, str):
+            raise BadRequest("Image ids must be strings.", fields={"images": "image ids"})
+        filenames.append(images.get(image_id).filename)      # NotFound for unknown ids
+    if len(set(image_ids)) != len(image_ids):
+        raise BadRequest("An image is listed twice.", fields={"images": "distinct image ids"})
+
+    methods = []
+    for raw in _limited_list(payload, "visualizations", len(visualizations)):
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
+            raise BadRequest("Each visualization must be an object with a \"name\".",
+                             fields={"visualizations": "[{\"name\", \"params\"}]"})
+        visualization = visualizations.get(raw["name"])
+        reason = visualization.supports(meta)
+        if reason:
+            raise MethodUnsupported(reason, fields={"visualizations": visualization.name})
+        raw_params = raw.get("params") or {}
+        if not isinstance(raw_params, Mapping):
+            raise BadParameter("\"params\" must be an object.", fields={"params": "an object"})
+        params = visualization.resolve(visualization.parse_params(raw_params, meta), meta)
+        cost = int(visualization.cost(params, meta))
+        if cost > settings.max_cost:
+            raise TooExpensive(
+                f"{visualization.title} with these parameters needs {cost} model evaluations per "
+                f"image and target, over this server's limit of {settings.max_cost}; make it "
+                "cheaper with a larger window or stride, or fewer steps or samples.",
+                fields={"visualizations": visualization.name})
+        resolved = json.loads(canonical_json(dataclasses.asdict(params)))
+        request = MethodRequest(visualization.name, resolved, cost)
+        if request in methods:
+            raise BadRequest(f"{visualization.name} is listed twice with the same parameters.",
+                             fields={"visualizations": "distinct entries"})
+        methods.append(request)
+
+    targets: list[int | str] = []
+    for raw in _limited_list(payload, "targets", settings.max_targets_per_job,
+                             required=False) or [PREDICTED]:
+        spec = _target_spec(meta, raw)
+        if spec not in targets:
+            targets.append(spec)
+
+    true_labels_raw = payload.get("true_labels") or {}
+    if not isinstance(true_labels_raw, Mapping):
+        raise BadRequest("\"true_labels\" must map image ids to labels.",
+                         fields={"true_labels": "{image id: label}"})
+    true_labels = {}
+    for image_id, label in true_labels_raw.items():
+        if image_id not in image_ids:
+            raise BadRequest("\"true_labels\" names an image that is not in the job.",
+                             fields={"true_labels": "ids from \"images\""})
+        if label is None or label == "":
+            continue
+        true_labels[image_id] = meta.class_index(label)
+
+    return JobSpec(model_id=entry.id, model_file=entry.file, checkpoint_sha256=entry.sha256,
+                   meta_fingerprint=meta_fingerprint(meta), images=tuple(image_ids),
+                   filenames=tuple(filenames), methods=tuple(methods), targets=tuple(targets),
+                   true_labels=true_labels)
