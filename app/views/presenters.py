@@ -80,7 +80,12 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
                     entry["error"] = entry["error"] or _expired()
                     continue
                 entry["params"] = dict(stored.record.get("params", entry["params"]))
-                entry["panels"].extend(_panel(key, panel) for panel in stored.record["panels"])
+                panels = [_panel(key, panel) for panel in stored.record["panels"]]
+                # The first map of each target is the one the compact grid shows.
+                first_map = next((p for p in panels if p["kind"] == "heatmap"), None)
+                for panel in panels:
+                    panel["primary"] = panel is first_map
+                entry["panels"].extend(panels)
             visualizations.append(entry)
         results.append({
             "image": image_id, "filename": spec.filenames[image_index],
