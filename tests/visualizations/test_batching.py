@@ -1,0 +1,137 @@
+"""Out-of-memory fallback, tested on the CPU by injecting ``torch.OutOfMemoryError``: batches
+halve and retry down to 1, then the run fails with E_DEVICE_OOM."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app.errors import DeviceOOM
+from tests.visualizations.models import TinyCnn, wrap
+from visualizations import visualization_registry
+from visualizations.base import RunContext, _hook_ids
+from visualizations.batching import (CPU_BATCH_SIZE, call_with_oom_fallback, choose_batch_size,
+                                     for_each_batch)
+
+
+def injected_oom() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+def test_for_each_batch_halves_on_oom_and_covers_everything() -> None:
+    attempts: list[tuple[int, int]] = []
+    done: list[int] = []
+
+    def process(start: int, stop: int) -> None:
+        attempts.append((start, stop))
+        if stop - start > 3:
+            raise injected_oom()
+        done.extend(range(start, stop))
+
+    final = for_each_batch(20, 16, process)
+    assert done == list(range(20)), "every item exactly once, in order"
+    assert final == 2  # 16 -> 8 -> 4 -> 2
+    assert [stop - start for start, stop in attempts[:4]] == [16, 8, 4, 2]
+
+
+def test_for_each_batch_gives_up_at_one_with_device_oom() -> None:
+    def process(start: int, stop: int) -> None:
+        raise injected_oom()
+
+    with pytest.raises(DeviceOOM) as caught:
+        for_each_batch(5, 8, process)
+    assert caught.value.code == "E_DEVICE_OOM"
+
+
+def test_other_errors_are_not_swallowed() -> None:
+    def process(start: int, stop: int) -> None:
+        raise RuntimeError("not memory")
+
+    with pytest.raises(RuntimeError, match="not memory"):
+        for_each_batch(5, 8, process)
+    with pytest.raises(RuntimeError, match="not memory"):
+        call_with_oom_fallback(lambda size: process(0, size), 8)
+
+
+def test_call_with_oom_fallback_retries_with_half_the_batch() -> None:
+    sizes: list[int] = []
+
+    def run(size: int) -> int:
+        sizes.append(size)
+        if size > 5:
+            raise injected_oom()
+        return size
+
+    assert call_with_oom_fallback(run, 32) == 4
+    assert sizes == [32, 16, 8, 4]
+    with pytest.raises(DeviceOOM):
+        call_with_oom_fallback(lambda size: (_ for _ in ()).throw(injected_oom()), 4)
+
+
+def test_for_each_batch_reports_progress_and_checks_cancellation() -> None:
+    seen: list[float] = []
+    for_each_batch(10, 4, lambda start, stop: None, RunContext(progress=seen.append))
+    assert seen == [0.4, 0.8, 1.0]
+
+
+def test_batch_size_choice() -> None:
+    model = wrap(TinyCnn())
+    sample = torch.zeros(1, 3, 32, 32)
+    assert choose_batch_size(model, sample, RunContext(batch_size=3), backward=True) == 3
+    assert choose_batch_size(model, sample, RunContext(), backward=False) == CPU_BATCH_SIZE
+
+
+class OomAboveBatch(nn.Module):
+    """TinyCnn that raises CUDA's out-of-memory error for batches larger than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.inner = TinyCnn()
+        self.limit = limit
+        self.largest_ok = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise injected_oom()
+        self.largest_ok = max(self.largest_ok, x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("occlusion", {"window": 4, "stride": 2}), ("partial_occlusion", {"positions": 5}),
+    ("integrated_gradients", {"steps": 20}), ("saliency", {"smoothgrad_samples": 10})])
+def test_methods_fall_back_to_smaller_batches(name: str, raw: dict) -> None:
+    torch.manual_seed(0)
+    module = OomAboveBatch(limit=3)
+    model = wrap(module)
+    image = torch.randn(1, 3, 32, 32)
+    method = visualization_registry.get(name)
+    result = method.run(model, image, None, raw, RunContext(batch_size=16))
+    assert module.largest_ok == 2  # 16 -> 8 -> 4 -> 2
+    reference = method.run(model, image, None, raw, RunContext(batch_size=2))
+    for got, want in zip(result.panels, reference.panels):
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
+    assert not _hook_ids(model.module)
+
+
+@pytest.mark.parametrize("name", ["occlusion", "integrated_gradients", "grad_cam"])
+def test_oom_even_at_batch_one_is_device_oom(name: str) -> None:
+    torch.manual_seed(0)
+    model = wrap(TinyCnn())
+    image = torch.randn(1, 3, 32, 32)
+    method = visualization_registry.get(name)
+    original_forward = model.module.forward
+    calls = {"count": 0}
+
+    def forward_failing_after_prediction(x: torch.Tensor) -> torch.Tensor:
+        calls["count"] += 1
+        if calls["count"] > 1:  # the prediction succeeds; the method's passes do not
+            raise injected_oom()
+        return original_forward(x)
+
+    model.module.forward = forward_failing_after_prediction  # type: ignore[method-assign]
+    with pytest.raises(DeviceOOM) as caught:
+        method.run(model, image, None, {}, RunContext(batch_size=4))
+    assert caught.value.http_status == 503
+    assert not _hook_ids(model.module)
