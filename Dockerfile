@@ -46,9 +46,9 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# The other dependencies, from setup.cfg alone, so code changes do not reinstall them.
+# The other dependencies, from setup.cfg alone, so code (and README) changes do not reinstall them.
 WORKDIR /opt/convscope
-COPY setup.cfg pyproject.toml README.md ./
+COPY setup.cfg ./
 RUN python -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
 print(c['options']['install_requires'])" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \

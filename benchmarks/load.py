@@ -4,10 +4,11 @@
     .venv/bin/python benchmarks/load.py --quick             # 4 clients x 15 s (the test suite)
     .venv/bin/python benchmarks/load.py --clients 32 --duration 300 --methods grad_cam,occlusion
 
-Each client, in a loop: uploads a new image (some clients re-send earlier ones, which the result
-cache answers), submits a job with a cheap method (mostly grad_cam/saliency, now and then a
-coarse occlusion), backs off for ``Retry-After`` on 503 ``E_BUSY``, polls the job to the end and
-fetches one result file. Traffic goes only to 127.0.0.1.
+Each client, in a loop: uploads a new image (a quarter of the rounds reuse an earlier one, which
+the result cache answers), submits a job with a cheap method (mostly grad_cam/saliency, now and
+then a coarse occlusion; 30% of the rounds submit a burst of three so the queue fills), backs off
+for ``Retry-After`` on 503 ``E_BUSY``, polls its jobs to the end and fetches one result file.
+Traffic goes only to 127.0.0.1.
 
 Pass criteria (printed, and the exit status): no 5xx other than 503 E_BUSY carrying Retry-After,
 no connection errors, every accepted job ends "done", the server answers health at the end, and
@@ -231,26 +232,35 @@ class Client(threading.Thread):
                 return
             image_id = response.json()["images"][0]["id"]
             self.uploaded.append(image_id)
-        name, params, _ = self.random.choices(self.mix, weights=[m[2] for m in self.mix])[0]
-        response = self.call("submit", "POST", "/api/v1/jobs", json={
-            "model": "latest", "images": [image_id],
-            "visualizations": [{"name": name, "params": params}], "targets": ["predicted"]})
-        if response is None:
-            time.sleep(1)
-            return
-        if response.status_code == 503:
-            retry_after = float(response.headers.get("Retry-After") or 5)
-            # Honour Retry-After, with jitter so clients do not return in lock-step.
-            time.sleep(min(retry_after * self.random.uniform(0.5, 1.0),
-                           max(0.0, self.deadline - time.monotonic())))
-            return
-        if response.status_code != 202:
-            self.tally.problem(f"submit: unexpected {response.status_code} {response.text[:200]!r}")
-            return
-        job_id = response.json()["id"]
+        # Usually one job; sometimes a burst of three (a user submitting several at once), so
+        # the queue really fills and the 503 E_BUSY path is exercised.
+        burst = 3 if self.random.random() < 0.3 else 1
+        submitted, busy_for = [], 0.0
+        for _ in range(burst):
+            name, params, _ = self.random.choices(self.mix, weights=[m[2] for m in self.mix])[0]
+            response = self.call("submit", "POST", "/api/v1/jobs", json={
+                "model": "latest", "images": [image_id],
+                "visualizations": [{"name": name, "params": params}],
+                "targets": ["predicted"]})
+            if response is None:
+                busy_for = 1.0
+                break
+            if response.status_code == 503:
+                busy_for = float(response.headers.get("Retry-After") or 5)
+                break
+            if response.status_code != 202:
+                self.tally.problem(f"submit: unexpected {response.status_code} "
+                                   f"{response.text[:200]!r}")
+                break
+            submitted.append(response.json()["id"])
         with self.tally.lock:
-            self.tally.accepted.append(job_id)
-        self.follow(job_id)
+            self.tally.accepted.extend(submitted)
+        for job_id in submitted:
+            self.follow(job_id)
+        if busy_for:
+            # Honour Retry-After, with jitter so clients do not return in lock-step.
+            time.sleep(min(busy_for * self.random.uniform(0.5, 1.0),
+                           max(0.0, self.deadline - time.monotonic())))
 
     def follow(self, job_id: str, patience: float = 180.0) -> None:
         started = time.monotonic()
