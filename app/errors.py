@@ -93,5 +93,6 @@ StorageFull = _error("StorageFull", "E_STORAGE_FULL", 507, "The server's storage
 ResultExpired = _error("ResultExpired", "E_RESULT_EXPIRED", 410,
                        "This result has expired and was removed.")
 Unauthorized = _error("Unauthorized", "E_UNAUTHORIZED", 401, "Authentication is required.")
+BadHost = _error("BadHost", "E_BAD_HOST", 400, "This server does not answer to this host name.")
 Forbidden = _error("Forbidden", "E_FORBIDDEN", 403, "This request is not allowed.")
 Internal = _error("Internal", "E_INTERNAL", 500, "An internal error occurred.")

@@ -8,7 +8,9 @@ one more entry rather than an edit in the middle of this function. Per-app state
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from flask import Flask
 
-from app import http_errors
+from app import auth, http_errors
 from app.jobs import Executor, JobStore
 from app.settings import Settings, load_settings
 from app.stores import ImageStore, ResultStore
@@ -59,11 +61,31 @@ def init_config(app: Flask, settings: Settings) -> None:
         # Each uploaded file is one part; leave room for form fields (params, labels).
         MAX_FORM_PARTS=settings.max_files_per_request + 200,
         SESSION_COOKIE_HTTPONLY=True,
+        # Lax, not Strict: a link to a job page from chat or mail still finds the login.
+        # Cross-site state changes are refused by app.views.security regardless.
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.secure_cookies,
         SESSION_COOKIE_NAME="convscope_session",
+        PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=settings.session_hours),
         JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False
+    _warn_about_deployment(settings)
+
+
+def running_under_gunicorn() -> bool:
+    """gunicorn's arbiter exports SERVER_SOFTWARE=gunicorn/<version> to its workers."""
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn/")
+
+
+def _warn_about_deployment(settings: Settings) -> None:
+    """Production mode is explicit (CONVSCOPE_ENV=production); say so when it looks missing."""
+    if running_under_gunicorn() and not settings.production:
+        log.warning("Running under gunicorn without CONVSCOPE_ENV=production: the production "
+                    "checks (secret key, no debug mode) are off.")
+    if settings.production and not settings.auth_enabled:
+        log.warning("CONVSCOPE_ENV=production without CONVSCOPE_AUTH_TOKEN: anyone who can reach "
+                    "the server can use it; put it behind an authenticating proxy or set a token.")
 
 
 def _build_catalog(settings: Settings, device: Any) -> Any:
@@ -105,7 +127,8 @@ InitHook = Callable[[Flask, Settings], None]
 INIT_HOOKS: list[InitHook] = [
     init_config,
     http_errors.init_app,
-    security.init_app,
+    security.init_app,      # allowed hosts first, then cross-site/CSRF checks and headers
+    auth.init_app,          # login routes and the token/session check
     init_views,
 ]
 

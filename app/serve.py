@@ -2,6 +2,9 @@
 
 For a laptop: binds 127.0.0.1 unless another ``--host`` is asked for explicitly. A team service
 runs gunicorn with the same app factory instead (see gunicorn.conf.py).
+
+Debug mode (``CONVSCOPE_DEBUG=1``: Flask debug, the Werkzeug debugger) is refused on any
+address other than a loopback one: the debugger runs code for whoever reaches it.
 """
 from __future__ import annotations
 
@@ -36,17 +39,37 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def debug_refusal(debug: bool, host: str) -> str | None:
+    """Why debug mode must not run on ``host`` (None when it may)."""
+    if debug and not _is_loopback(host):
+        return (f"CONVSCOPE_DEBUG is refused on {host}: the debugger would let anyone who can "
+                "reach this address run code. Use a loopback address (127.0.0.1) or turn "
+                "debug off.")
+    return None
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from app import create_app
+    from app.settings import load_settings
 
+    overrides = settings_from_args(args)
     try:
-        app = create_app(settings_from_args(args))
+        settings = load_settings(overrides)
+        refusal = debug_refusal(settings.debug, args.host)
+        if refusal:
+            log.error("E_CONFIG_INVALID: %s", refusal)
+            return 2
+        app = create_app(overrides)
     except ConvscopeError as error:
         log.error("%s: %s", error.code, error.message)
         return 2
+    if not _is_loopback(args.host) and not settings.auth_enabled:
+        log.warning("Listening on %s without CONVSCOPE_AUTH_TOKEN: anyone who can reach this "
+                    "address can use the server. For a team service use gunicorn with "
+                    "authentication.", args.host)
     if not _is_loopback(args.host):
-        log.warning("Listening on %s: anyone who can reach this address can use the server. "
-                    "For a team service use gunicorn with authentication.", args.host)
+        log.info("Answering requests for IP addresses and the host names %s "
+                 "(CONVSCOPE_ALLOWED_HOSTS).", ", ".join(settings.allowed_host_names()) or "none")
     executor = app.extensions["convscope"].executor
 
     def stop(signum: int, frame: Any) -> None:
@@ -56,7 +79,8 @@ def serve_command(args: argparse.Namespace) -> int:
     url_host = args.host if ":" not in args.host else f"[{args.host}]"
     log.info("convscope is serving on http://%s:%d/", url_host, args.port)
     try:
-        app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
+        app.run(host=args.host, port=args.port, threaded=True, debug=settings.debug,
+                use_reloader=False)
     except KeyboardInterrupt:
         pass
     except OSError as error:

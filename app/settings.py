@@ -56,9 +56,52 @@ class Settings:
     batch_size: int | None = field(default=None, metadata={
         "help": "perturbation/step batch size for the methods (default: each method decides)",
         "min": 1})
+    store_max_mb: float = field(default=2048.0, metadata={
+        "help": "size quota in MiB for stored results and uploaded images; the least recently "
+                "used are evicted first (0: no quota)", "min": 0})
+    result_ttl_hours: float = field(default=168.0, metadata={
+        "help": "results, uploaded images and job records unused for this many hours are "
+                "removed; their URLs then answer 410 E_RESULT_EXPIRED (0: keep forever)",
+        "min": 0})
+    env: str = field(default="development", metadata={
+        "help": "production: refuse to start without CONVSCOPE_SECRET_KEY or with "
+                "CONVSCOPE_DEBUG. Never guessed: set it for every team deployment (gunicorn, "
+                "Docker); gunicorn workers without it log a warning",
+        "choices": ("development", "production")})
     secret_key: str = field(default="", repr=False, metadata={
-        "help": "signs session cookies and CSRF tokens (default: random per process)"})
+        "help": "signs session cookies and CSRF tokens; required in production, and by "
+                "several gunicorn workers sharing sessions (default: random per process)"})
+    auth_token: str = field(default="", repr=False, metadata={
+        "help": "when set, the API needs 'Authorization: Bearer <token>' and browsers log in "
+                "with it (at least 16 characters; default: no authentication)"})
+    auth_token_file: Path | None = field(default=None, metadata={
+        "help": "a file holding the token (e.g. a Docker secret), instead of "
+                "CONVSCOPE_AUTH_TOKEN"})
+    session_hours: float = field(default=12.0, metadata={
+        "help": "a browser login lasts this many hours after the last request", "min": 0.01})
+    secure_cookies: bool = field(default=False, metadata={
+        "help": "send the session cookie only over HTTPS (set it behind a TLS proxy)"})
+    allowed_hosts: str = field(default="localhost", metadata={
+        "help": "comma-separated host names the server answers to ('.example.com' matches "
+                "subdomains, '*' any); IP addresses always work; other Host headers get "
+                "400 E_BAD_HOST (DNS rebinding)"})
+    debug: bool = field(default=False, metadata={
+        "help": "Flask debug mode for convscope serve; refused on a non-loopback address "
+                "and in production"})
     testing: bool = field(default=False, metadata={"help": "Flask testing mode"})
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_token)
+
+    def allowed_host_names(self) -> tuple[str, ...]:
+        """The ``allowed_hosts`` entries, lower case, without ports or blanks."""
+        return tuple(name.strip().lower() for name in self.allowed_hosts.split(",")
+                     if name.strip())
 
     def as_table(self) -> list[tuple[str, str, str]]:
         """(environment variable, default, help) rows for documentation."""
@@ -120,6 +163,12 @@ def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
         return value
     if kind == "Path":
         return Path(str(raw)).expanduser()
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        text = str(raw).strip().lower()
+        if text not in choices:
+            raise bad(" or ".join(choices))
+        return text
     return str(raw)
 
 
@@ -159,7 +208,57 @@ def _validated(settings: Settings) -> Settings:
     except OSError:
         raise ConfigInvalid("The data directory cannot be created or is not writable.",
                             fields={env_name("data_dir"): "a writable directory"}) from None
+    settings = _with_auth_token(settings)
+    _check_production(settings)
     if not settings.secret_key:
         # Random per process: CSRF tokens and sessions do not survive a restart or span workers.
         settings = dataclasses.replace(settings, secret_key=secrets.token_hex(32))
     return settings
+
+
+MIN_SECRET_LENGTH = 16
+
+
+def _with_auth_token(settings: Settings) -> Settings:
+    """Read ``auth_token_file`` into ``auth_token``; refuse ambiguous or guessable tokens."""
+    token_var, file_var = env_name("auth_token"), env_name("auth_token_file")
+    token = settings.auth_token
+    if settings.auth_token_file is not None:
+        if token:
+            raise ConfigInvalid(f"Set {token_var} or {file_var}, not both.",
+                                fields={token_var: "unset", file_var: "unset"})
+        try:
+            token = settings.auth_token_file.read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise ConfigInvalid(f"The file named by {file_var} cannot be read.",
+                                fields={file_var: "a readable file"}) from None
+        if not token:
+            raise ConfigInvalid(f"The file named by {file_var} is empty.",
+                                fields={file_var: "a file holding the token"})
+    token = token.strip()
+    if token and len(token) < MIN_SECRET_LENGTH:
+        variable = file_var if settings.auth_token_file is not None else token_var
+        raise ConfigInvalid(f"The authentication token ({variable}) must be at least "
+                            f"{MIN_SECRET_LENGTH} characters long; use a random one such as "
+                            "`openssl rand -hex 32`.",
+                            fields={variable: f"at least {MIN_SECRET_LENGTH} characters"})
+    return dataclasses.replace(settings, auth_token=token)
+
+
+def _check_production(settings: Settings) -> None:
+    """Production mode refuses what is only safe on a developer's laptop."""
+    if not settings.production:
+        return
+    key_var = env_name("secret_key")
+    if not settings.secret_key:
+        raise ConfigInvalid(f"CONVSCOPE_ENV=production needs {key_var}: a long random string "
+                            "(e.g. `openssl rand -hex 32`) that signs sessions and CSRF tokens.",
+                            fields={key_var: "set"})
+    if len(settings.secret_key) < MIN_SECRET_LENGTH:
+        raise ConfigInvalid(f"{key_var} must be at least {MIN_SECRET_LENGTH} characters long "
+                            "in production.", fields={key_var: f"at least {MIN_SECRET_LENGTH} "
+                                                               "characters"})
+    if settings.debug:
+        raise ConfigInvalid(f"{env_name('debug')} is refused with CONVSCOPE_ENV=production: the "
+                            "debugger must never face other users.",
+                            fields={env_name("debug"): "false"})

@@ -14,6 +14,10 @@
   const status = document.getElementById("submit-status");
   const runButton = document.getElementById("run-button");
   const maxImages = Number(form.dataset.maxImages || 16);
+  // With authentication on, the session cookie signs these calls in; the page's CSRF token in
+  // a header proves they come from this page (app/auth.py). Harmless when it is off.
+  const csrfInput = form.querySelector("input[name=csrf_token]");
+  const csrfHeaders = csrfInput ? { "X-CSRF-Token": csrfInput.value } : {};
   const uploads = [];
 
   function say(message) {
@@ -29,7 +33,7 @@
     const data = new FormData();
     data.append("image", file, file.name);
     const response = await fetch(form.dataset.uploadUrl, {
-      method: "POST", body: data, credentials: "same-origin",
+      method: "POST", body: data, credentials: "same-origin", headers: csrfHeaders,
     });
     const body = await response.json().catch(() => null);
     if (!response.ok) throw apiError(body, response);
@@ -166,7 +170,8 @@
       say("Starting the job…");
       const response = await fetch(form.dataset.jobsUrl, {
         method: "POST", credentials: "same-origin",
-        headers: { "Content-Type": "application/json", "Accept": "application/json" },
+        headers: Object.assign({ "Content-Type": "application/json", "Accept": "application/json" },
+                               csrfHeaders),
         body: JSON.stringify(jobRequest(data, ready)),
       });
       const body = await response.json().catch(() => null);
