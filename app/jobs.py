@@ -27,13 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from app.errors import Busy, Cancelled, ConvscopeError, Internal, NotFound, UnknownModel
-from app.stores import (ImageStore, ResultStore, atomic_write_bytes, atomic_write_json,
-                        canonical_json, result_key)
+from app.errors import (Busy, Cancelled, ConvscopeError, Internal, NotFound, ResultExpired,
+                        UnknownModel)
+from app.stores import (ImageStore, ResultStore, Tombstones, atomic_write_bytes,
+                        atomic_write_json, canonical_json, result_key)
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from app.retention import Retention
     from app.settings import Settings
     from model_adapters.base import LoadedModel, ModelMeta
 
@@ -232,6 +234,7 @@ class JobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.tombstones = Tombstones(self.root, _JOB_ID)
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()    # snapshot + write in order, newest last
@@ -273,6 +276,32 @@ class JobStore:
         with self._lock:
             self._live.pop(job.id, None)
 
+    def live_jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._live.values())
+
+    def expire(self, older_than: float) -> int:
+        """Delete job records (and cancel markers) last written before ``older_than`` (Unix
+        time) that no job of this process holds, leaving tombstones; returns how many records.
+        A running job is saved at least every few seconds, so it is never this old."""
+        removed = 0
+        with os.scandir(self.root) as entries:
+            old = [entry for entry in entries if not entry.name.startswith(".")
+                   and entry.is_file(follow_symlinks=False)
+                   and entry.stat(follow_symlinks=False).st_mtime < older_than]
+        for entry in old:
+            job_id, _, suffix = entry.name.partition(".")
+            if not _JOB_ID.fullmatch(job_id) or self.live(job_id) is not None:
+                continue
+            if suffix == "json":
+                self.tombstones.add(job_id)
+                removed += 1
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+        return removed
+
     def get(self, job_id: str) -> Job:
         """The job with this id: live, or read from its record (not found -> NotFound)."""
         job = self.live(job_id) if isinstance(job_id, str) else None
@@ -284,6 +313,8 @@ class JobStore:
             path = next((Path(e.path) for e in entries if e.name == f"{job_id}.json"
                          and e.is_file(follow_symlinks=False)), None)
         if path is None:
+            if job_id in self.tombstones:
+                raise ResultExpired("This job has expired and was removed; submit it again.")
             raise NotFound("There is no job with this id.")
         try:
             job = Job.from_record(json.loads(path.read_text("utf-8")))
@@ -321,6 +352,10 @@ class Executor:
         self._stopping = threading.Event()
         self._catalog_ready = threading.Event()
         self._current: Job | None = None
+        from app.retention import Retention
+
+        self.retention: "Retention" = Retention.from_settings(settings, images=images,
+                                                              results=results, jobs=jobs)
 
     # lifecycle
 
@@ -373,6 +408,8 @@ class Executor:
             raise Busy("The server is shutting down; try again shortly.",
                        headers={"Retry-After": str(self.settings.retry_after_s)})
         job = Job(self.jobs.new_id(), spec)
+        for image_id in spec.images:
+            self.images.touch(image_id)     # in use: evicted last
         self.jobs.add(job)        # recorded first: the executor may pick it up at once
         try:
             self._queue.put_nowait(job.id)
@@ -414,6 +451,7 @@ class Executor:
                 if self._stopping.is_set():
                     break
                 self._refresh_catalog()
+                self._maintain_store()
                 continue
             if job_id is None:
                 break
@@ -433,6 +471,16 @@ class Executor:
                 self._current = None
                 self.jobs.forget(job)
             self._refresh_catalog()
+            self._maintain_store()
+
+    def _maintain_store(self) -> None:
+        """Time-to-live and quota (app.retention), here between jobs: a pass lists whole
+        store directories, which HTTP threads must not do. Images of queued jobs are kept."""
+        if self._stopping.is_set() or not self.retention.due():
+            return
+        needed = {image_id for job in self.jobs.live_jobs() if not job.terminal
+                  for image_id in job.spec.images}
+        self.retention.maybe_run(needed)
 
     def _refresh_catalog(self) -> None:
         """Rescan the checkpoint directory here, in the device thread: a scan loads new files
@@ -590,6 +638,7 @@ class _JobRun:
                                 "probabilities.npy": _npy(probabilities.astype(np.float32))})
             self._count(model_runs=1)
         else:
+            store.touch(key)
             view = _load_png(store.file(key, "model_view.png")[0])
             probabilities = np.load(store.file(key, "probabilities.npy")[0], allow_pickle=False)
             self._count(cache_hits=1)
@@ -643,6 +692,7 @@ class _JobRun:
                     stored = self._compute(key, image_id, method, target, view, batch, progress)
                     self._count(model_runs=1)
                 else:
+                    self.executor.results.touch(key)
                     with self.job.lock:
                         item.cached += 1
                     self._count(cache_hits=1)

@@ -6,12 +6,18 @@ the sha256 of everything that determines it), so asking twice stores once. Every
 later request could serve. Ids from URLs are looked up in an index built by listing the store's
 directory; they are never joined into a path, so ``..`` or an absolute path is simply "not found".
 
+Entries age by last use (a result reused by a job, an image uploaded again or used by a job is
+"touched"); ``app.retention`` evicts by age and size. An evicted id leaves a tombstone (an
+empty file named by the id, in ``.expired/``), so its URL answers 410 ``E_RESULT_EXPIRED``
+instead of a bare 404.
+
 Layout::
 
     images/<sha256>.png          normalized RGB PNG
     images/<sha256>.json         {"filename", "width", "height"}
     results/<key>/result.json    what was computed, with the list of files beside it
     results/<key>/<file>         PNGs and .npy arrays named in result.json
+    images/.expired/<sha256>     tombstones of evicted images (results/.expired likewise)
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from app.errors import NotFound, StorageFull
+from app.errors import NotFound, ResultExpired, StorageFull
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+TOMBSTONES = ".expired"
+STALE_TEMPORARY_S = 3600.0       # a .tmp-* entry this old was left by a crash
 # Names of files inside a result directory: chosen by us, checked again when serving.
 _RESULT_FILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 STORE_FORMAT = 1
@@ -109,6 +117,8 @@ class _DirectoryIndex:
             return None
         with self._lock:
             path = self._paths.get(entry_id)
+        if path is not None and not os.path.lexists(path):
+            path = None         # evicted, possibly by another server process
         if path is None:
             self.refresh()
             with self._lock:
@@ -118,6 +128,109 @@ class _DirectoryIndex:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._paths)
+
+
+class Tombstones:
+    """Ids evicted from one store: empty files in ``<root>/.expired``, named by the id.
+
+    Lookups use a set read from the directory listing (re-read when the directory changes),
+    so a user-supplied id is only ever compared, never joined into a path; ids written here
+    come from the store's own listing.
+    """
+
+    def __init__(self, store_root: Path, id_pattern: "re.Pattern[str]" = _HEX_ID) -> None:
+        self.root = Path(store_root) / TOMBSTONES
+        self._pattern = id_pattern
+        self._names: set[str] = set()
+        self._stamp: int | None = None
+        self._lock = threading.Lock()
+
+    def _current(self) -> set[str]:
+        try:
+            stamp = os.stat(self.root).st_mtime_ns
+        except OSError:
+            return set()
+        with self._lock:
+            if stamp != self._stamp:
+                with os.scandir(self.root) as entries:
+                    self._names = {entry.name for entry in entries
+                                   if self._pattern.fullmatch(entry.name)}
+                self._stamp = stamp
+            return self._names
+
+    def __contains__(self, entry_id: object) -> bool:
+        return (isinstance(entry_id, str) and self._pattern.fullmatch(entry_id) is not None
+                and entry_id in self._current())
+
+    def add(self, entry_id: str) -> None:
+        assert self._pattern.fullmatch(entry_id)
+        try:
+            self.root.mkdir(exist_ok=True)
+            (self.root / entry_id).touch()
+        except OSError:
+            log.warning("cannot record that %s expired", entry_id[:12])
+            return
+        with self._lock:        # seen at once here even if the directory's mtime is coarse
+            self._names.add(entry_id)
+
+    def discard(self, entry_id: str) -> None:
+        """The id exists again (uploaded or computed anew)."""
+        if entry_id in self:
+            (self.root / entry_id).unlink(missing_ok=True)
+            with self._lock:
+                self._names.discard(entry_id)
+
+    def prune(self, older_than: float, keep_at_most: int) -> int:
+        """Forget tombstones older than ``older_than`` (Unix time) and all but the newest
+        ``keep_at_most``; returns how many were removed."""
+        try:
+            with os.scandir(self.root) as entries:
+                stamped = [(entry.stat().st_mtime, entry.path) for entry in entries]
+        except OSError:
+            return 0
+        stamped.sort(reverse=True)
+        doomed = [path for number, (mtime, path) in enumerate(stamped)
+                  if mtime < older_than or number >= keep_at_most]
+        for path in doomed:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        return len(doomed)
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One evictable entry of a store: its id, when it was last used and its size on disk."""
+
+    id: str
+    last_used: float
+    size: int
+
+
+def remove_stale_temporaries(root: Path, now: float) -> None:
+    """Delete ``.tmp-*`` files and directories that a crashed write left behind."""
+    try:
+        with os.scandir(root) as entries:
+            stale = [entry for entry in entries if entry.name.startswith(".tmp-")
+                     and entry.stat(follow_symlinks=False).st_mtime < now - STALE_TEMPORARY_S]
+    except OSError:
+        return
+    for entry in stale:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass        # evicted meanwhile: nothing to keep alive
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -142,22 +255,34 @@ class ImageStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._index = _DirectoryIndex(self.root, ".png", is_dir=False)
+        self.tombstones = Tombstones(self.root)
+        self.bytes_written = 0          # by this process; app.retention watches it
 
     def put(self, ingested: "IngestedImage") -> ImageRecord:
         record = ImageRecord(ingested.sha256, ingested.filename, ingested.width, ingested.height)
         png_path = self.root / f"{record.id}.png"
         if self._index.lookup(record.id) is None:
             atomic_write_bytes(png_path, ingested.png_bytes)
+            self.bytes_written += len(ingested.png_bytes)
+            self.tombstones.discard(record.id)
+        else:
+            _touch(png_path)            # uploaded again: in use
         # The display name of the latest upload of these bytes; jobs keep their own copy.
         atomic_write_json(self.root / f"{record.id}.json", record.to_dict())
         self._index.add(record.id, png_path)
         return record
 
+    def _missing(self, image_id: str) -> Exception:
+        if image_id in self.tombstones:
+            return ResultExpired("This image has expired and was removed; upload it again.",
+                                 fields={"image": "an id returned by POST /api/v1/images"})
+        return NotFound("Unknown image id; upload the image first.",
+                        fields={"image": "an id returned by POST /api/v1/images"})
+
     def get(self, image_id: str) -> ImageRecord:
         path = self._index.lookup(image_id)
         if path is None:
-            raise NotFound("Unknown image id; upload the image first.",
-                           fields={"image": "an id returned by POST /api/v1/images"})
+            raise self._missing(image_id)
         try:
             meta = json.loads(path.with_suffix(".json").read_text("utf-8"))
             return ImageRecord(image_id, str(meta["filename"]), int(meta["width"]),
@@ -165,8 +290,11 @@ class ImageStore:
         except (OSError, ValueError, KeyError):
             from PIL import Image
 
-            with Image.open(path) as image:
-                return ImageRecord(image_id, "image.png", image.width, image.height)
+            try:
+                with Image.open(path) as image:
+                    return ImageRecord(image_id, "image.png", image.width, image.height)
+            except OSError:
+                raise self._missing(image_id) from None     # evicted meanwhile
 
     def exists(self, image_id: str) -> bool:
         return self._index.lookup(image_id) is not None
@@ -174,8 +302,41 @@ class ImageStore:
     def png_path(self, image_id: str) -> Path:
         path = self._index.lookup(image_id)
         if path is None:
-            raise NotFound("Unknown image id; upload the image first.")
+            raise self._missing(image_id)
         return path
+
+    def touch(self, image_id: str) -> None:
+        """Mark an image as in use (a job needs it), so eviction takes it last."""
+        path = self._index.lookup(image_id)
+        if path is not None:
+            _touch(path)
+
+    def entries(self) -> list[StoredEntry]:
+        """Every stored image with its last use (the PNG's mtime) and size (PNG + JSON)."""
+        self._index.refresh()
+        found = []
+        for image_id in self._index.ids():
+            path = self.root / f"{image_id}.png"
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            try:
+                sidecar = path.with_suffix(".json").stat().st_size
+            except OSError:
+                sidecar = 0
+            found.append(StoredEntry(image_id, stat.st_mtime, stat.st_size + sidecar))
+        return found
+
+    def delete(self, image_id: str) -> None:
+        """Remove an image, leaving a tombstone so its URL says it expired."""
+        path = self._index.lookup(image_id)
+        self._index.discard(image_id)
+        if path is None:
+            return
+        self.tombstones.add(image_id)
+        for doomed in (path, path.with_suffix(".json")):
+            doomed.unlink(missing_ok=True)
 
     def open(self, image_id: str) -> "Image.Image":
         from PIL import Image
@@ -212,8 +373,8 @@ _MIMETYPES = {".png": "image/png", ".npy": "application/octet-stream",
 class ResultStore:
     """Finished results, one directory per key, written whole or not at all.
 
-    A size quota and time-to-live with oldest-first eviction only need ``entries()`` (with
-    mtimes) and ``delete(key)``.
+    A result's last use is its directory's mtime (written, or reused by a job: ``touch``);
+    ``app.retention`` evicts with ``entries()`` and ``delete(key)``.
     """
 
     RECORD = "result.json"
@@ -222,6 +383,8 @@ class ResultStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._index = _DirectoryIndex(self.root, "", is_dir=True)
+        self.tombstones = Tombstones(self.root)
+        self.bytes_written = 0          # by this process; app.retention watches it
 
     def get(self, key: str) -> StoredResult | None:
         directory = self._index.lookup(key)
@@ -252,31 +415,69 @@ class ResultStore:
                 if not (self.root / key / self.RECORD).exists():
                     raise
                 shutil.rmtree(staging, ignore_errors=True)
+                _touch(self.root / key)
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
             raise _storage_error(error) from error
+        self.bytes_written += sum(len(data) for data in files.values())
         self._index.add(key, self.root / key)
+        self.tombstones.discard(key)
         return StoredResult(key, record)
 
+    def expired(self, key: str) -> bool:
+        """Whether ``key`` was stored once and has been evicted since."""
+        return key in self.tombstones and self._index.lookup(key) is None
+
     def file(self, key: str, name: str) -> tuple[Path, str]:
-        """(path, mimetype) of one file of a result; only names listed in its record exist."""
+        """(path, mimetype) of one file of a result; only names listed in its record exist.
+        An evicted result raises ResultExpired (410), an unknown one NotFound."""
         stored = self.get(key)
-        if stored is None or (name not in stored.files and name != self.RECORD):
+        if stored is None:
+            if self.expired(key):
+                raise ResultExpired("This result has expired and was removed; run the job "
+                                    "again to compute it anew.")
+            raise NotFound("This result file does not exist.")
+        if name not in stored.files and name != self.RECORD:
             raise NotFound("This result file does not exist.")
         directory = self._index.lookup(key)
-        assert directory is not None
-        listed = {entry.name: entry for entry in os.scandir(directory)}
+        try:
+            listed = {entry.name: entry for entry in os.scandir(directory)} if directory else {}
+        except OSError:
+            listed = {}
         if name not in listed:
             raise NotFound("This result file does not exist.")
         suffix = os.path.splitext(name)[1]
         return Path(listed[name].path), _MIMETYPES.get(suffix, "application/octet-stream")
+
+    def touch(self, key: str) -> None:
+        """Mark a result as reused, so eviction takes it last."""
+        directory = self._index.lookup(key)
+        if directory is not None:
+            _touch(directory)
+
+    def entries(self) -> list[StoredEntry]:
+        """Every stored result with its last use (directory mtime) and size (its files)."""
+        self._index.refresh()
+        found = []
+        for key in self._index.ids():
+            directory = self.root / key
+            try:
+                last_used = directory.stat().st_mtime
+                with os.scandir(directory) as files:
+                    size = sum(entry.stat(follow_symlinks=False).st_size for entry in files)
+            except OSError:
+                continue        # evicted meanwhile
+            found.append(StoredEntry(key, last_used, size))
+        return found
 
     def keys(self) -> Iterable[str]:
         self._index.refresh()
         return self._index.ids()
 
     def delete(self, key: str) -> None:
+        """Remove a result, leaving a tombstone so its URLs say it expired."""
         directory = self._index.lookup(key)
         self._index.discard(key)
         if directory is not None:
+            self.tombstones.add(key)
             shutil.rmtree(directory, ignore_errors=True)

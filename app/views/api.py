@@ -7,7 +7,7 @@ from typing import Any
 from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
 
 from app import __version__
-from app.errors import BadRequest
+from app.errors import BadRequest, NotFound
 from app.factory import services
 from app.http_errors import coded_error
 from app.views.job_requests import parse_job_request
@@ -80,11 +80,20 @@ def upload_images() -> tuple[Response, int]:
     return jsonify(images=[record.to_dict() for record in records]), 201
 
 
+def _send_stored_file(path: Any, **options: Any) -> Response:
+    """``send_file`` for a store entry that eviction may remove between lookup and open."""
+    try:
+        return send_file(path, conditional=True, max_age=86400, **options)
+    except FileNotFoundError:
+        raise NotFound("This file was just removed.") from None
+
+
 @api.get("/images/<image_id>")
 def image(image_id: str) -> Response:
     path = _services().images.png_path(image_id)
-    response = send_file(path, mimetype="image/png", download_name=f"{image_id[:16]}.png",
-                         conditional=True, max_age=86400)
+    # Always image/png: stored images are re-encoded PNGs, whatever was uploaded.
+    response = _send_stored_file(path, mimetype="image/png",
+                                 download_name=f"{image_id[:16]}.png")
     response.headers["Cache-Control"] = _IMMUTABLE
     response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
     return response
@@ -127,8 +136,8 @@ def cancel_job(job_id: str) -> Response:
 def result_file(key: str, name: str) -> Response:
     path, mimetype = _services().results.file(key, name)
     as_attachment = not mimetype.startswith("image/")
-    response = send_file(path, mimetype=mimetype, as_attachment=as_attachment,
-                         download_name=f"{key[:12]}-{name}", conditional=True, max_age=86400)
+    response = _send_stored_file(path, mimetype=mimetype, as_attachment=as_attachment,
+                                 download_name=f"{key[:12]}-{name}")
     response.headers["Cache-Control"] = _IMMUTABLE
     response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
     return response

@@ -63,6 +63,7 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
     items = record["items"]
     per_method = len(spec.methods)
     results = []
+    expired = False
     for image_index, image_id in enumerate(spec.images):
         outcome = record["images"].get(str(image_index))
         prediction = services.results.get(outcome["prediction_key"]) if outcome else None
@@ -78,6 +79,7 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
                 stored = services.results.get(key)
                 if stored is None:
                     entry["error"] = entry["error"] or _expired()
+                    expired = True
                     continue
                 entry["params"] = dict(stored.record.get("params", entry["params"]))
                 panels = [_panel(key, panel) for panel in stored.record["panels"]]
@@ -97,7 +99,7 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
             "predictions": outcome["predictions"] if outcome else [],
             "visualizations": visualizations})
     return {"id": job.id, "status": record["status"], "progress": round(record["progress"], 4),
-            "error": record["error"], "url": url_for("pages.job", job_id=job.id),
+            "error": record["error"], "expired": expired, "url": url_for("pages.job", job_id=job.id),
             "api_url": url_for("api.job", job_id=job.id),
             "created": record["created"], "started": record["started"],
             "finished": record["finished"],
