@@ -1,0 +1,100 @@
+"""Authentication in a real browser: `convscope serve` with a token and a tiny model, driven by
+Chromium. The login page sets the cookie, the workbench script's API calls (session cookie +
+X-CSRF-Token header) upload and run a job, and signing out closes the pages again."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.security.conftest import TOKEN
+from tests.web.conftest import png_bytes, write_checkpoint_dir
+from tests.web.test_browser import CHROMIUM, ROOT, _browser_or_skip, _free_port, _get
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture
+def token_server(tmp_path):
+    """`convscope serve` on a loopback port with CONVSCOPE_AUTH_TOKEN and a tiny model."""
+    directory = write_checkpoint_dir(tmp_path / "checkpoints")
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    environ = {**os.environ, "CONVSCOPE_TORCH_THREADS": "1", "CONVSCOPE_DEVICE": "cpu",
+               "CONVSCOPE_AUTH_TOKEN": TOKEN}
+    command = [sys.executable, "-m", "app.cli", "serve", str(directory), "--port", str(port),
+               "--data-dir", str(tmp_path / "data")]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while _get(base + "/api/v1/ready") != 200:       # open without a token
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("convscope serve did not become ready:\n"
+                        + log_path.read_text(errors="replace")[-3000:])
+        time.sleep(0.2)
+    yield base
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+def test_login_upload_run_and_sign_out_in_chromium(token_server):
+    sync_playwright = _browser_or_skip()
+    problems: list[str] = []
+    refused: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking"])
+        try:
+            context = browser.new_context()
+            page = context.new_page()
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("response", lambda response: response.status in (401, 403)
+                    and "/login" not in response.url and refused.append(response.url))
+
+            page.goto(token_server + "/models")
+            assert "/login" in page.url
+            page.fill("#token", "wrong-token-wrong-token")
+            page.click("button[type=submit]")
+            assert page.locator(".alert").text_content().strip().startswith("E_UNAUTHORIZED")
+            refused.clear()                      # the wrong token's 401 was the point
+
+            page.fill("#token", TOKEN)
+            page.click("button[type=submit]")
+            page.wait_for_url("**/models")
+            [cookie] = [c for c in context.cookies() if c["name"] == "convscope_session"]
+            assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and cookie["expires"] > 0
+
+            page.goto(token_server + "/")
+            page.set_input_files("#image-input", files=[{
+                "name": "red.png", "mimeType": "image/png", "buffer": png_bytes(seed=5)}])
+            page.wait_for_selector(".thumb[data-image-id]", timeout=20_000)
+            page.check("input[name=method][value=grad_cam]")
+            page.click("#run-button")
+            page.wait_for_url("**/jobs/*", timeout=20_000)
+            page.wait_for_selector("#job[data-finished=true]", timeout=60_000)
+            assert page.text_content("#job-status") == "done"
+            overlays = page.evaluate("Array.from(document.querySelectorAll('img.grid-overlay'))"
+                                     ".map(i => i.naturalWidth)")
+            assert overlays and all(width > 0 for width in overlays)
+
+            page.click(".sign-out button")
+            page.wait_for_url("**/login")
+            page.goto(token_server + "/")
+            assert "/login" in page.url
+        finally:
+            browser.close()
+    assert problems == [], problems
+    assert refused == [], refused
