@@ -6,7 +6,7 @@ stuck HTTP thread). Bounded for the default suite (~20 s); for a long run:
 
     CONVSCOPE_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/service/test_ingest_fuzz.py
 
-(The checkpoint-loading fuzz belongs with the adapters and is not here yet.)
+Checkpoint loading is fuzzed beside the adapters (tests/adapters/), which own loading.
 """
 from __future__ import annotations
 
