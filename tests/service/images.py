@@ -107,7 +107,7 @@ def tiff_claiming(width: int, height: int) -> bytes:
     count = struct.unpack("<H", buffer[ifd:ifd + 2])[0]
     for index in range(count):
         entry = ifd + 2 + 12 * index
-        tag, kind = struct.unpack("<HH", buffer[entry:entry + 4])
+        tag = struct.unpack("<H", buffer[entry:entry + 2])[0]
         if tag in (256, 257):
             value = width if tag == 256 else height
             buffer[entry + 2:entry + 12] = struct.pack("<HII", 4, 1, value)

@@ -29,7 +29,7 @@ def close(actual, expected, tolerance=3) -> bool:
 def assert_user_safe(error: errors.ConvscopeError) -> None:
     message = error.message
     assert message.endswith(".") and "\n" not in message
-    assert "Traceback" not in message and "/" not in message.replace("n/a", "")
+    assert "Traceback" not in message and "/" not in message  # no paths
     assert len(message) < 200
 
 
@@ -214,7 +214,8 @@ def test_tiny_and_extreme_aspect_ratio_images_are_refused(size, error):
 
 @pytest.mark.parametrize("size", [(8, 8), (400, 8), (8, 400)])
 def test_smallest_and_longest_accepted_shapes(size):
-    assert (ingest_image(images.encode(images.solid(size), "PNG"), "x").width,) == (size[0],)
+    result = ingest_image(images.encode(images.solid(size), "PNG"), "x")
+    assert (result.width, result.height) == size
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
