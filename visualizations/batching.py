@@ -9,6 +9,7 @@ and only then give up with ``DeviceOOM``.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from typing import TYPE_CHECKING, Callable, TypeVar
 
@@ -28,8 +29,11 @@ T = TypeVar("T")
 # efficientnet-lite0 at 224 px, one thread); larger batches only cost memory and latency.
 CPU_BATCH_SIZE = 16
 MAX_GPU_BATCH_SIZE = 128
-# Share of the free GPU memory a batch may use; activations are estimated, so keep headroom.
+# Memory one batch may use: a share of the free GPU memory (activations are estimated, so keep
+# headroom), and on a CPU a share of the available RAM, at most 4 GiB.
 GPU_MEMORY_SHARE = 0.5
+CPU_MEMORY_SHARE = 0.25
+CPU_MEMORY_CAP_BYTES = 4 * 2 ** 30
 
 # Per model (weakly held) and input shape: bytes of activations for one copy.
 _ACTIVATION_BYTES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, ...], int]]" = \
@@ -40,25 +44,39 @@ def choose_batch_size(model: "LoadedModel", sample: "torch.Tensor", context: "Ru
                       backward: bool) -> int:
     """How many copies of ``sample`` (1, C, H, W) to evaluate at once.
 
-    ``context.batch_size`` wins when given. On a CPU we use a fixed size that is known to reach
-    the throughput bound. On CUDA we estimate the memory one copy needs from the activation
-    sizes of one probe forward pass and fit a batch into half the free memory; the OOM
-    fallback covers a wrong estimate.
+    ``context.batch_size`` wins when given. Otherwise the memory one copy needs is estimated
+    from the activation sizes of one probe forward pass (cached per model and input shape;
+    doubled with gradients: saved activations plus their gradients), and the batch is what fits
+    the device's budget -- on a CPU at most ``CPU_BATCH_SIZE``, which already reaches the
+    throughput bound. A wrong estimate on a GPU is caught by the out-of-memory fallback.
     """
     if context.batch_size:
         return max(1, int(context.batch_size))
-    if sample.device.type != "cuda":
-        return CPU_BATCH_SIZE
-    import torch
+    per_copy = _activation_bytes_cached(model, sample) * (2 if backward else 1)
+    if sample.device.type == "cuda":
+        import torch
 
-    free_bytes, _ = torch.cuda.mem_get_info(sample.device)
+        free_bytes, _ = torch.cuda.mem_get_info(sample.device)
+        budget, largest = free_bytes * GPU_MEMORY_SHARE, MAX_GPU_BATCH_SIZE
+    else:
+        budget, largest = _cpu_budget_bytes(), CPU_BATCH_SIZE
+    return max(1, min(largest, int(budget // max(per_copy, 1))))
+
+
+def _cpu_budget_bytes() -> float:
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not Linux-like: assume the cap is fine
+        return float(CPU_MEMORY_CAP_BYTES)
+    return float(min(CPU_MEMORY_CAP_BYTES, available * CPU_MEMORY_SHARE))
+
+
+def _activation_bytes_cached(model: "LoadedModel", sample: "torch.Tensor") -> int:
     key = tuple(sample.shape[1:])
     known = _ACTIVATION_BYTES.setdefault(model.module, {})
     if key not in known:
         known[key] = activation_bytes(model.module, sample[:1])
-    per_copy = known[key] * (3 if backward else 1)
-    fitting = int(free_bytes * GPU_MEMORY_SHARE // max(per_copy, 1))
-    return max(1, min(MAX_GPU_BATCH_SIZE, fitting))
+    return known[key]
 
 
 def activation_bytes(module: "torch.nn.Module", sample: "torch.Tensor") -> int:

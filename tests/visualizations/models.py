@@ -19,11 +19,12 @@ CLASS_NAMES = ("red", "green", "blue")
 
 
 def wrap(module: nn.Module, side: int = SIDE, channels: int = 3,
-         class_names: tuple[str, ...] | None = None, architecture: str = "tiny") -> LoadedModel:
+         class_names: tuple[str, ...] | None = None, architecture: str = "tiny",
+         device: str = "cpu") -> LoadedModel:
     """A LoadedModel around ``module`` with mean = std = 0.5 preprocessing."""
     return loaded_model_from_module(module, architecture=architecture, input_size=(side, side),
                                     mean=(0.5,), std=(0.5,), channels=channels,
-                                    class_names=class_names)
+                                    class_names=class_names, device=device)
 
 
 class TinyCnn(nn.Module):

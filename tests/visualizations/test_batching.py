@@ -11,8 +11,9 @@ from app.errors import DeviceOOM
 from tests.visualizations.models import TinyCnn, wrap
 from visualizations import visualization_registry
 from visualizations.base import RunContext, _hook_ids
-from visualizations.batching import (CPU_BATCH_SIZE, call_with_oom_fallback, choose_batch_size,
-                                     for_each_batch)
+from visualizations import batching
+from visualizations.batching import (CPU_BATCH_SIZE, activation_bytes, call_with_oom_fallback,
+                                     choose_batch_size, for_each_batch)
 
 
 def injected_oom() -> torch.OutOfMemoryError:
@@ -75,11 +76,19 @@ def test_for_each_batch_reports_progress_and_checks_cancellation() -> None:
     assert seen == [0.4, 0.8, 1.0]
 
 
-def test_batch_size_choice() -> None:
+def test_batch_size_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     model = wrap(TinyCnn())
     sample = torch.zeros(1, 3, 32, 32)
     assert choose_batch_size(model, sample, RunContext(batch_size=3), backward=True) == 3
     assert choose_batch_size(model, sample, RunContext(), backward=False) == CPU_BATCH_SIZE
+    # With a budget of four copies' worth of activations, the batch follows the memory.
+    per_copy = activation_bytes(model.module, sample)
+    assert per_copy >= 4 * 16 * 32 * 32  # at least the first conv's float32 output
+    monkeypatch.setattr(batching, "CPU_MEMORY_CAP_BYTES", 4 * per_copy + 1)
+    assert choose_batch_size(model, sample, RunContext(), backward=False) == 4
+    assert choose_batch_size(model, sample, RunContext(), backward=True) == 2
+    monkeypatch.setattr(batching, "CPU_MEMORY_CAP_BYTES", 1)
+    assert choose_batch_size(model, sample, RunContext(), backward=True) == 1
 
 
 class OomAboveBatch(nn.Module):

@@ -354,3 +354,21 @@ def test_partial_occlusion_shows_top_classes_on_one_scale(tiny_model: LoadedMode
     assert len(images) == 1
     # A 4x4 grid: 4 distinct cells per row, each a constant value.
     assert len(np.unique(heatmaps[0].values[0, :])) <= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", METHODS)
+def test_cuda_matches_cpu(name: str, tiny_image: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    module = TinyCnn()
+    cpu_model = wrap(module)
+    cuda_model = wrap(TinyCnn(), device="cuda")
+    cuda_model.module.load_state_dict(module.state_dict())
+    method = visualization_registry.get(name)
+    raw = BATCHED.get(name, {})
+    on_cpu = method.run(cpu_model, tiny_image, None, raw)
+    on_cuda = method.run(cuda_model, tiny_image.cuda(), None, raw)
+    for a, b in zip(on_cpu.panels, on_cuda.panels):
+        if a.kind == "heatmap":
+            atol = max(1e-5, 1e-3 * float(np.abs(a.values).max()))
+            np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=atol)
