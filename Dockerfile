@@ -69,7 +69,9 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/convscope --cr
     && chown -R convscope:convscope /data /var/cache/matplotlib
 VOLUME ["/data"]
 
-ENV CONVSCOPE_BIND=0.0.0.0:8000 \
+# Production mode: start-up refuses without CONVSCOPE_SECRET_KEY (and refuses debug mode).
+ENV CONVSCOPE_ENV=production \
+    CONVSCOPE_BIND=0.0.0.0:8000 \
     CONVSCOPE_CHECKPOINT_DIR=/checkpoints \
     CONVSCOPE_DATA_DIR=/data \
     CONVSCOPE_DEVICE=auto \
