@@ -79,7 +79,8 @@ def _inspect_zip(path: Path) -> FileKind:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError):
+        # (NotImplementedError: a record claims a zip version or feature Python lacks.)
         return FileKind.DAMAGED_ZIP
     inner = ["/".join(name.split("/")[1:]) for name in names]  # drop the archive's top folder
     if any(name.startswith("code/") or name == "constants.pkl" for name in inner):
@@ -205,7 +206,40 @@ def is_state_dict(value: Any) -> bool:
 
 
 def find_state_dict(obj: Any, file_name: str) -> dict[str, torch.Tensor]:
-    """The state_dict inside a bare dict or a training wrapper (``{"state_dict": ..., "epoch"}``)."""
+    """The state_dict inside a bare dict or a training wrapper (``{"state_dict": ..., "epoch"}``),
+    with every tensor checked to be usable as weights (:func:`check_tensors`)."""
+    state_dict = _locate_state_dict(obj, file_name)
+    check_tensors(state_dict, file_name)
+    return state_dict
+
+
+def check_tensors(state_dict: Mapping[str, torch.Tensor], file_name: str) -> None:
+    """Refuse tensors no model can take, before anything computes on them: tensors without data
+    (``meta``), sparse, quantized or nested ones, and views that claim more values than the file
+    stores (a stride-0 "bomb": a few bytes on disk whose first full-size operation would
+    allocate terabytes). Keeps every later step's memory bounded by the file's size."""
+    for key, tensor in state_dict.items():
+        problem = _unusable(tensor)
+        if problem is not None:
+            raise CheckpointUnreadable(f"The checkpoint {file_name!r} stores {key[:80]!r} as "
+                                       f"{problem}; only dense tensors with data can be loaded.")
+
+
+def _unusable(tensor: torch.Tensor) -> str | None:
+    if tensor.is_meta:
+        return "a tensor without data"
+    if tensor.is_nested:
+        return "a nested tensor"
+    if tensor.layout is not torch.strided:
+        return f"a {str(tensor.layout).removeprefix('torch.')} tensor"
+    if tensor.is_quantized:
+        return "a quantized tensor"
+    if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+        return "a view larger than the data it stores"
+    return None
+
+
+def _locate_state_dict(obj: Any, file_name: str) -> dict[str, torch.Tensor]:
     if is_state_dict(obj):
         return dict(obj)
     if isinstance(obj, Mapping):
@@ -263,7 +297,7 @@ def fit_prefix(state_dict: Mapping[str, torch.Tensor], expected_keys: set[str]) 
 def check_finite(state_dict: Mapping[str, torch.Tensor], file_name: str) -> None:
     for key, tensor in state_dict.items():
         if tensor.is_floating_point() or tensor.is_complex():
-            if not torch.isfinite(tensor).all():
+            if not _all_finite(tensor):
                 raise CheckpointNonfinite(f"The checkpoint {file_name!r} has NaN or infinite "
                                           f"values in {key[:80]!r}.")
 
@@ -293,10 +327,24 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], file_
             if value.is_floating_point() and expected[key].is_floating_point() else value
             for key, value in state_dict.items()}
     on_meta = any(tensor.is_meta for tensor in expected.values())
-    module.load_state_dict(cast, strict=True, assign=on_meta)
+    try:
+        module.load_state_dict(cast, strict=True, assign=on_meta)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as error:
+        # Right names and shapes but a dtype the model cannot take: e.g. an integer tensor
+        # assigned into a meta-built model cannot become a Parameter.
+        log.debug("load_state_dict of %s failed: %s", file_name, error)
+        raise CheckpointMismatch(f"The checkpoint {file_name!r} does not fit the model (a tensor "
+                                 "has a dtype the model cannot take).") from None
     if on_meta and any(t.is_meta for t in (*module.parameters(), *module.buffers())):
         raise CheckpointMismatch(f"The checkpoint {file_name!r} does not fit the model (it lacks "
                                  "tensors the model keeps outside its state_dict).")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except NotImplementedError:  # e.g. float8_e4m3fn has no isfinite kernel: check as float32
+        return bool(torch.isfinite(tensor.float()).all())
 
 
 def read_checkpoint(path: Path, *, trust_code: bool) -> Any:

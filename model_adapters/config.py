@@ -38,6 +38,10 @@ from typing import Any
 from app.errors import ConfigInvalid
 
 CONFIG_FILE_NAME = "convscope.toml"
+# Upper bound for ``input_size`` sides and ``resize``: far above any classifier's input, and low
+# enough that a typo (``resize = 25600``) cannot make every image a gigabyte-sized resize or the
+# load-time probe allocate tens of gigabytes.
+MAX_SIDE = 4096
 DEFAULT_LABELS_FILE = "labels.txt"
 PACKAGE_PREFIX = "package:"
 
@@ -163,14 +167,15 @@ def _preprocess_section(table: dict[str, Any]) -> PreprocessSection:
     if "input_size" in table:
         value = table["input_size"]
         if (not isinstance(value, list) or len(value) != 2
-                or not all(_is_int(side) and side > 0 for side in value)):
+                or not all(_is_int(side) and 0 < side <= MAX_SIDE for side in value)):
             _fail("preprocess.input_size", "'preprocess.input_size' must be [height, width], "
-                                           "two positive integers")
+                                           f"two integers from 1 to {MAX_SIDE}")
         input_size = (int(value[0]), int(value[1]))
     resize = None
     if "resize" in table:
-        if not _is_int(table["resize"]) or table["resize"] < 0:
-            _fail("preprocess.resize", "'preprocess.resize' must be an integer >= 0")
+        if not _is_int(table["resize"]) or not 0 <= table["resize"] <= MAX_SIDE:
+            _fail("preprocess.resize",
+                  f"'preprocess.resize' must be an integer from 0 to {MAX_SIDE}")
         resize = int(table["resize"])
     channels = None
     if "channels" in table:

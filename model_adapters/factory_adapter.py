@@ -145,6 +145,11 @@ def _import_installed(module_name: str, spec: str) -> Any:
     except ImportError:
         raise ConfigInvalid(f"convscope.toml: the module of factory {spec[:80]!r} is not "
                             "installed.", fields={"model.factory": "an installed module"}) from None
+    except Exception as error:  # noqa: BLE001 -- a relative name (TypeError), or the module's
+        # own import-time code failed
+        raise ConfigInvalid(f"convscope.toml: the module of factory {spec[:80]!r} cannot be "
+                            f"imported ({type(error).__name__}).",
+                            fields={"model.factory": "an installed module"}) from None
 
 
 def _import_local(path: Path) -> Any:
