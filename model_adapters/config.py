@@ -20,7 +20,7 @@ Example (the bundled demo)::
 (with optional ``args``/``kwargs``), an optional ``num_classes`` (inferred from the checkpoint
 when absent) and an optional ``weights``: a file name inside the directory, or
 ``package:<package>/<path inside it>`` for a file shipped in an installed Python package
-(resolved with :mod:`importlib.resources`). When ``weights`` is set, that file is the
+(located with :func:`importlib.util.find_spec`, without importing the package). When ``weights`` is set, that file is the
 directory's only checkpoint.
 
 Unknown keys and wrong types raise ConfigInvalid naming the key (``model.num_clases``), so a
@@ -28,7 +28,7 @@ typo fails loudly instead of silently using a default.
 """
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -200,14 +200,21 @@ def resolve_weights(weights: str, directory: Path) -> Path:
     parts = PurePosixPath(inner).parts
     if not package or not parts or ".." in parts or inner.startswith("/"):
         _fail("model.weights", "'model.weights' must look like 'package:<package>/<path>'")
+    if not package.isidentifier():
+        _fail("model.weights", "'model.weights' must name a top-level package: "
+                               "'package:<package>/<path>'")
+    # find_spec locates a top-level package without importing it, so naming a package here
+    # never runs its import-time code.
     try:
-        resource = importlib.resources.files(package).joinpath(*parts)
-    except (ModuleNotFoundError, TypeError, ValueError):
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         _fail("model.weights", f"the package {package[:80]!r} named by 'model.weights' is not "
                                "installed")
-    # Installed (non-zipped) packages are plain directories, so this is a real file path.
-    path = Path(str(resource))
-    if not path.is_file():
+    base = Path(next(iter(spec.submodule_search_locations))).resolve()
+    path = base.joinpath(*parts).resolve()
+    if not path.is_relative_to(base) or not path.is_file():
         _fail("model.weights", f"the package {package[:80]!r} has no file {inner[:120]!r}")
     return path
 

@@ -91,3 +91,21 @@ def test_labels_symlink_out_of_the_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigInvalid) as raised:
         read_config(tmp_path / "runs").labels_path()
     assert "labels.file" in raised.value.fields
+
+
+def test_package_weights_never_import_the_package(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    package = site / "sideeffectpkg"
+    (package / "models").mkdir(parents=True)
+    canary = tmp_path / "imported"
+    (package / "__init__.py").write_text(f"open({str(canary)!r}, 'w').write('ran')\n")
+    (package / "models" / "w.pt").write_bytes(b"x")
+    monkeypatch.syspath_prepend(str(site))
+    path = resolve_weights("package:sideeffectpkg/models/w.pt", tmp_path)
+    assert path == (package / "models" / "w.pt").resolve()
+    with pytest.raises(ConfigInvalid):
+        resolve_weights("package:sideeffectpkg/../sideeffectpkg/__init__.py", tmp_path)
+    with pytest.raises(ConfigInvalid):
+        resolve_weights("package:sideeffectpkg/missing.pt", tmp_path)
+    assert not canary.exists()
