@@ -45,12 +45,17 @@ class ModelMeta:
         """Resolve a class given by index (int or digit string) or by exact label."""
         if isinstance(target, bool):
             raise UnknownClass("A class must be an index or a label.")
-        if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
-            index = int(target)
-            if 0 <= index < self.num_classes:
-                return index
-            raise UnknownClass(f"Class index {index} is out of range 0..{self.num_classes - 1}.",
-                               fields={"target": f"0..{self.num_classes - 1}"})
+        if isinstance(target, str) and target.strip().isascii() and target.strip().isdigit():
+            # ASCII only: str.isdigit() also accepts e.g. "²", which int() rejects. More than
+            # 18 digits is out of range anyway (and int() refuses over 4300 digits).
+            digits = target.strip().lstrip("0") or "0"
+            if len(digits) > 18:
+                raise self._out_of_range(digits[:18] + "...")
+            target = int(digits)
+        if isinstance(target, int):
+            if 0 <= target < self.num_classes:
+                return target
+            raise self._out_of_range(str(target) if abs(target) < 10 ** 18 else "(huge)")
         if isinstance(target, str):
             wanted = target.strip()
             for index, name in enumerate(self.class_names):
@@ -62,6 +67,10 @@ class ModelMeta:
                     return index
         raise UnknownClass(f"Unknown class {str(target)[:80]!r}.",
                            fields={"target": "a class index or one of the model's labels"})
+
+    def _out_of_range(self, shown: str) -> UnknownClass:
+        return UnknownClass(f"Class index {shown} is out of range 0..{self.num_classes - 1}.",
+                            fields={"target": f"0..{self.num_classes - 1}"})
 
 
 @dataclass
