@@ -380,19 +380,24 @@ class Executor:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        reason = Cancelled("The server shut down before this job finished; submit it again.")
-        while True:
+        while True:             # empty the queue, so the stop sentinel fits
             try:
-                job_id = self._queue.get_nowait()
+                self._queue.get_nowait()
             except queue.Empty:
                 break
-            job = self.jobs.live(job_id) if job_id else None
-            if job is not None and not job.terminal:
-                job.finish(CANCELLED, reason)
-                self.jobs.save(job)
+        # Every job of this process, not only those just taken from the queue: a submit that
+        # raced with this call may have enqueued after the queue was emptied.
         current = self._current
-        if current is not None:
-            current.cancel_event.set()
+        for job in self.jobs.live_jobs():
+            job.cancel_event.set()          # a running job ends at its next check, recorded
+            if job is current:
+                continue
+            with job.lock:
+                if job.terminal or job.status == RUNNING:
+                    continue
+                job.finish(CANCELLED, Cancelled("The server shut down before this job "
+                                                "started; submit it again."))
+            self.jobs.save(job)
         try:
             self._queue.put_nowait(None)
         except queue.Full:
@@ -418,6 +423,12 @@ class Executor:
             raise Busy(f"The job queue is full ({self.settings.queue_size} jobs waiting); try "
                        "again shortly.",
                        headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        if self._stopping.is_set():     # shutdown began meanwhile: its sweep may have missed it
+            with job.lock:
+                if job.status == QUEUED:
+                    job.finish(CANCELLED, Cancelled("The server shut down before this job "
+                                                    "started; submit it again."))
+            self.jobs.save(job)
         return job
 
     def cancel(self, job_id: str) -> Job:
@@ -458,10 +469,8 @@ class Executor:
             job = self.jobs.live(job_id)
             if job is None or job.terminal:
                 continue
-            if self._stopping.is_set():
-                job.finish(CANCELLED, Cancelled("The server shut down before this job started."))
-                self.jobs.save(job)
-                continue
+            # Current before the stopping check: a shutdown either sees this job as current
+            # (and cancels it) or has already set stopping (and _JobRun stops at its first check).
             self._current = job
             try:
                 self._run(job)
@@ -508,6 +517,8 @@ class Executor:
 
     def _run(self, job: Job) -> None:
         with job.lock:
+            if job.terminal:        # cancelled after the loop took it from the queue
+                return
             job.status, job.started = RUNNING, time.time()
         self.jobs.save(job)
         log.info("job %s started: %d images x %d methods", job.id[:8], len(job.spec.images),
@@ -588,7 +599,7 @@ class _JobRun:
 
     def run(self) -> None:
         for image_index, image_id in enumerate(self.spec.images):
-            if self.executor.jobs.cancel_requested(self.job):
+            if self.executor.jobs.cancel_requested(self.job) or self.executor.stopping:
                 self.job.cancel_event.set()
             if self.job.cancel_event.is_set():
                 self._raise_cancelled()
