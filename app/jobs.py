@@ -633,7 +633,7 @@ class _JobRun:
         store = self.executor.results
         key = result_key(kind="prediction", image=image_id,
                          checkpoint=self.spec.checkpoint_sha256,
-                         meta=self.spec.meta_fingerprint)
+                         meta=self.spec.meta_fingerprint, top_k=self.executor.settings.top_k)
         stored = store.get(key)
         batch = None
         if stored is None:

@@ -359,3 +359,13 @@ def test_a_full_disk_fails_the_job_with_storage_full_and_the_executor_survives(c
     assert not [p for p in (data_dir / "results").iterdir() if p.name.startswith(".tmp")]
     monkeypatch.undo()
     assert run_job(client, [image_id], [{"name": "saliency"}])["status"] == "done"
+
+
+def test_the_prediction_cache_follows_the_top_k_setting(make_app, tmp_path):
+    """The stored top-k list depends on CONVSCOPE_TOP_K, so it is part of the cache key."""
+    first = make_app(top_k=2).test_client()
+    image = upload(first, (png_bytes(seed=3), "photo.png"))[0]["id"]
+    assert len(run_job(first, [image])["results"][0]["predictions"]) == 2
+    first.application.extensions["convscope"].shutdown()
+    again = make_app(top_k=3).test_client()        # same data directory, restarted
+    assert len(run_job(again, [image])["results"][0]["predictions"]) == 3
