@@ -5,7 +5,8 @@ A scan is cheap (``os.scandir`` + ``stat``), so it runs again whenever the listi
 deleted or rewritten files drop out or reload. Each file version is keyed by
 ``(name, size, mtime_ns)`` and is only loaded once it has *settled* -- unmodified for
 ``settle_seconds``, or seen with the same size and mtime for that long -- so a half-written file
-is not loaded, and any version (good or broken) is loaded at most once.
+is not loaded, and any version (good or broken) is loaded at most once -- except after the device
+ran out of memory, which is retried every ``retry_seconds``.
 
 Loading a file is the only way to learn its metadata (architecture, classes, CAM layers), so a
 scan loads every new file once; the metadata of all files stays, while the modules themselves
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from app.errors import CheckpointUnreadable, ConvscopeError, UnknownModel
+from app.errors import CheckpointUnreadable, ConvscopeError, DeviceOOM, UnknownModel
 from model_adapters import LoadedModel, ModelMeta, load_checkpoint
 from model_adapters.checkpoint_file import CHECKPOINT_SUFFIXES
 from model_adapters.config import CONFIG_FILE_NAME, CheckpointConfig, read_config
@@ -84,6 +85,7 @@ class _Loaded:
     sha256: str
     meta: ModelMeta | None
     error: ConvscopeError | None
+    retry_at: float | None = None   # monotonic time to load again after a transient failure
 
 
 class ModelCatalog:
@@ -91,13 +93,14 @@ class ModelCatalog:
 
     def __init__(self, directory: Path, device: torch.device, trust_code: bool = False, *,
                  settle_seconds: float = 1.0, rescan_seconds: float = 1.5,
-                 max_loaded: int = 3) -> None:
+                 max_loaded: int = 3, retry_seconds: float = 30.0) -> None:
         self.directory = Path(directory)
         self.device = device
         self.trust_code = trust_code
         self.settle_seconds = settle_seconds
         self.rescan_seconds = rescan_seconds
         self.max_loaded = max(1, max_loaded)
+        self.retry_seconds = retry_seconds
         self._state_lock = threading.RLock()   # guards the fields below
         self._scan_lock = threading.Lock()     # one scan at a time
         self._load_lock = threading.Lock()     # one model load at a time (memory, device)
@@ -182,7 +185,8 @@ class ModelCatalog:
         for state in files:
             key = self._key(state)
             previous = self._results.get(state.name)
-            if previous is not None and previous.key == key:
+            if previous is not None and previous.key == key and (
+                    previous.retry_at is None or now_mono < previous.retry_at):
                 results[state.name] = previous
                 continue
             if not self._settled(state, now_wall, now_mono):
@@ -239,7 +243,10 @@ class ModelCatalog:
         else:
             log.info("%s: %s %s", state.name, error.code if error else "?",
                      error.message if error else "")
-        return _Loaded(key, sha256, meta, error)
+        # Running out of device memory says nothing about the file (another job held the
+        # memory): load this version again later instead of listing it as broken for good.
+        retry_at = time.monotonic() + self.retry_seconds if isinstance(error, DeviceOOM) else None
+        return _Loaded(key, sha256, meta, error, retry_at)
 
     def _publish(self, results: dict[str, _Loaded], files: dict[str, _FileState]) -> None:
         entries = []

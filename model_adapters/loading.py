@@ -20,6 +20,8 @@ from model_adapters.config import CheckpointConfig
 from model_adapters.labels import check_label_count, default_class_names, read_labels_file
 from model_adapters.torchvision_builds import DefaultPreprocess
 
+_OOM_MESSAGE = "The device ran out of memory loading this model."
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
@@ -45,11 +47,14 @@ def loaded_model_from_module(module: nn.Module, *, architecture: str,
     height, width = (int(side) for side in input_size)
     mean_t = _per_channel(mean, channels, "mean")
     std_t = _per_channel(std, channels, "std")
-    module = _to_eval(module.to(device))
+    try:  # copying the weights and running the probe both need device memory
+        module = _to_eval(module.to(device))
+    except torch.cuda.OutOfMemoryError:
+        raise DeviceOOM(_OOM_MESSAGE) from None
     try:
         cam = find_cam_layers(module, (height, width), channels, device)
     except torch.cuda.OutOfMemoryError:
-        raise DeviceOOM("The device ran out of memory loading this model.") from None
+        raise DeviceOOM(_OOM_MESSAGE) from None
     except Exception as error:  # noqa: BLE001 -- e.g. a shape error inside the model
         raise CheckpointMismatch(
             f"The model cannot run on a {channels}x{height}x{width} input ({type(error).__name__}); "

@@ -255,3 +255,43 @@ def test_small_torchvision_model_directory(tmp_path: Path) -> None:
     set_mtime(tmp_path / "sq.pt", 10)
     entry = ModelCatalog(tmp_path, CPU).entries()[0]
     assert entry.ok and entry.meta is not None and entry.meta.default_cam_layer == "classifier.2"
+
+
+def test_device_oom_while_loading_is_retried_not_listed_as_broken_for_good(
+        tmp_path: Path) -> None:
+    from app.errors import DeviceOOM
+    from model_adapters import load_checkpoint as real_load
+
+    _tiny_dir(tmp_path)
+    _save(tmp_path / "a.pt", 1)
+    calls: list[str] = []
+
+    def flaky_load(path: Path, *args: object, **kwargs: object) -> object:
+        calls.append(path.name)
+        if len(calls) == 1:  # another job held the GPU memory
+            raise DeviceOOM("The device ran out of memory loading this model.")
+        return real_load(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    catalog = ModelCatalog(tmp_path, CPU, rescan_seconds=0, retry_seconds=0.2)
+    with mock.patch("app.catalog.load_checkpoint", flaky_load):
+        entry = catalog.entries()[0]
+        assert entry.error is not None and entry.error.code == "E_DEVICE_OOM"
+        catalog.entries()
+        assert calls == ["a.pt"], "not retried before retry_seconds"
+        time.sleep(0.3)
+        assert catalog.entries()[0].ok
+        assert catalog.get("latest").file == "a.pt"
+        catalog.entries()
+    assert calls == ["a.pt", "a.pt"]
+
+
+def test_device_oom_moving_weights_to_the_device_is_a_device_oom_error() -> None:
+    from app.errors import DeviceOOM
+    from model_adapters.loading import loaded_model_from_module
+
+    model = tiny_net()
+    with mock.patch.object(type(model), "to",
+                           side_effect=torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        with pytest.raises(DeviceOOM):
+            loaded_model_from_module(model, architecture="tiny", input_size=(8, 8), mean=[0.5],
+                                     std=[0.5], class_names=None)
