@@ -39,6 +39,25 @@ def _target_spec(meta: "ModelMeta", raw: Any) -> int | str:
     return meta.class_index(raw)
 
 
+def _display_names(raw: Any, image_ids: list[Any]) -> dict[str, str]:
+    """The optional ``filenames`` field: {image id: the name this user uploaded it under}.
+
+    The image store keeps one name per content hash, the latest upload's; when two users
+    upload the same bytes under different names, a job names its images as its own user did.
+    """
+    from app.ingest import safe_display_name
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(name, str) for name in raw.values()):
+        raise BadRequest("\"filenames\" must map image ids to file names.",
+                         fields={"filenames": "{image id: file name}"})
+    if any(image_id not in image_ids for image_id in raw):
+        raise BadRequest("\"filenames\" names an image that is not in the job.",
+                         fields={"filenames": "ids from \"images\""})
+    return {image_id: safe_display_name(name) for image_id, name in raw.items()}
+
+
 def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, settings: "Settings",
                       visualizations: Any) -> JobSpec:
     """Validate a job request (the JSON body of ``POST /api/v1/jobs``) into a ``JobSpec``.
@@ -48,7 +67,7 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
     """
     if not isinstance(payload, Mapping):
         raise BadRequest("The job must be a JSON object.")
-    known = {"model", "images", "visualizations", "targets", "true_labels"}
+    known = {"model", "images", "visualizations", "targets", "true_labels", "filenames"}
     unknown = sorted(set(payload) - known)
     if unknown:
         raise BadRequest(f"Unknown field {str(unknown[0])[:40]!r}; known: {', '.join(sorted(known))}.",
@@ -62,11 +81,13 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
     meta = entry.meta
 
     image_ids = _limited_list(payload, "images", settings.max_images_per_job)
+    named = _display_names(payload.get("filenames"), image_ids)
     filenames = []
     for image_id in image_ids:
         if not isinstance(image_id, str):
             raise BadRequest("Image ids must be strings.", fields={"images": "image ids"})
-        filenames.append(images.get(image_id).filename)      # NotFound for unknown ids
+        stored = images.get(image_id)          # NotFound for unknown ids
+        filenames.append(named.get(image_id) or stored.filename)
     if len(set(image_ids)) != len(image_ids):
         raise BadRequest("An image is listed twice.", fields={"images": "distinct image ids"})
 

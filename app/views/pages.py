@@ -66,7 +66,7 @@ def workbench() -> tuple[str, int]:
     return _render_workbench()
 
 
-def job_payload_from_form(form: MultiDict, image_ids: list[str]) -> dict[str, Any]:
+def job_payload_from_form(form: MultiDict, images: list[Any]) -> dict[str, Any]:
     """The JSON job request that the workbench form describes (same shape as the API's).
 
     Parameters are fields ``param.<method>.<name>``; an empty field means "default". Checkboxes
@@ -86,7 +86,9 @@ def job_payload_from_form(form: MultiDict, image_ids: list[str]) -> dict[str, An
     if form.get("target_mode") == "class" and form.get("target_class", "").strip():
         targets = [form["target_class"].strip()]
     true_label = form.get("true_label", "").strip()
+    image_ids = [image.id for image in images]
     return {"model": form.get("model") or "latest", "images": image_ids,
+            "filenames": {image.id: image.filename for image in images},
             "visualizations": methods, "targets": targets,
             "true_labels": {image_id: true_label for image_id in image_ids} if true_label else {}}
 
@@ -98,7 +100,7 @@ def submit_workbench() -> Response | tuple[str, int]:
     try:
         records = store_uploads(request.files.getlist(UPLOAD_FIELD), svc.images,
                                 max_files=svc.settings.max_files_per_request)
-        payload = job_payload_from_form(request.form, [record.id for record in records])
+        payload = job_payload_from_form(request.form, records)
         spec = parse_job_request(payload, catalog=svc.catalog, images=svc.images,
                                  settings=svc.settings, visualizations=svc.visualizations)
         job = svc.executor.submit(spec)

@@ -70,6 +70,7 @@
     const upload = { item, id: null, trueLabel };
     upload.done = postImage(file).then((image) => {
       upload.id = image.id;
+      upload.filename = image.filename;
       item.dataset.imageId = image.id;
       state.textContent = "ready · " + image.width + "×" + image.height;
       thumbnail.src = form.dataset.imageUrl.replace("IMAGE_ID", image.id);
@@ -139,14 +140,16 @@
     if (data.get("target_mode") === "class" && targetClass) targets = [targetClass];
     const images = [];
     const trueLabels = {};
+    const filenames = {};
     ready.forEach((upload) => {
       if (!images.includes(upload.id)) images.push(upload.id);
+      filenames[upload.id] = filenames[upload.id] || upload.filename;
       const label = upload.trueLabel.value.trim();
       if (label) trueLabels[upload.id] = label;
     });
     return {
       model: data.get("model") || "latest", images, visualizations, targets,
-      true_labels: trueLabels,
+      true_labels: trueLabels, filenames,
     };
   }
 

@@ -1,6 +1,7 @@
 """Jobs through the API: validation at submit, results, cache, queue, cancel, failures, restart."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -369,3 +370,41 @@ def test_the_prediction_cache_follows_the_top_k_setting(make_app, tmp_path):
     first.application.extensions["convscope"].shutdown()
     again = make_app(top_k=3).test_client()        # same data directory, restarted
     assert len(run_job(again, [image])["results"][0]["predictions"]) == 3
+
+
+def test_a_job_names_its_images_as_its_own_user_uploaded_them(client):
+    """Two users upload the same bytes under different names: the store keeps one name (the
+    latest), but each job shows the name its request gave, never the other user's."""
+    data = png_bytes(seed=11)
+    [alice] = upload(client, (data, "alice-private.png"))
+    [bob] = upload(client, (data, "bob.png"))
+    assert alice["id"] == bob["id"] and alice["filename"] == "alice-private.png"
+    job = run_job(client, [alice["id"]], filenames={alice["id"]: alice["filename"]})
+    assert job["results"][0]["filename"] == "alice-private.png"
+    hostile = run_job(client, [bob["id"]], filenames={bob["id"]: "../../etc/<b>x</b>\x07.png"})
+    assert "/" not in hostile["results"][0]["filename"]
+    assert "\x07" not in hostile["results"][0]["filename"]
+    for bad in ({alice["id"]: 3}, {"0" * 64: "x.png"}, ["x.png"]):
+        response = submit(client, [alice["id"]], filenames=bad)
+        assert response.status_code == 400 and response.json["error"]["code"] == "E_BAD_REQUEST"
+
+
+def test_the_workbench_form_names_images_as_uploaded(client, monkeypatch):
+    from app.stores import ImageStore
+    from tests.web.conftest import csrf_from
+
+    real_put = ImageStore.put
+
+    def put_then_someone_else_uploads(self, ingested):
+        record = real_put(self, ingested)
+        real_put(self, dataclasses.replace(ingested, filename="someone-else.png"))
+        return record
+
+    monkeypatch.setattr(ImageStore, "put", put_then_someone_else_uploads)
+    token = csrf_from(client.get("/").data)
+    response = client.post("/", data={"csrf_token": token, "method": "grad_cam",
+                                      "image": (io.BytesIO(png_bytes(seed=12)), "mine.png")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 303, response.data[:500]
+    job = wait_job(client, response.headers["Location"].rsplit("/", 1)[1])
+    assert job["results"][0]["filename"] == "mine.png"
