@@ -326,9 +326,8 @@ class Visualization(ABC):
     def run(self, model: "LoadedModel", batch: "torch.Tensor", targets: Sequence[int | str] | None,
             params: Any, context: RunContext | None = None) -> VisualizationResult:
         """Validate, hold the model lock, compute each target, check results, clean up hooks."""
-        import torch
-
         from app.errors import MethodUnsupported
+        from visualizations.batching import is_out_of_memory
 
         context = context or RunContext()
         if isinstance(params, Mapping) or params is None:
@@ -352,7 +351,10 @@ class Visualization(ABC):
                     attribution = self.compute(model, batch, target, params, step)
                     panels.extend(_checked(panel) for panel in attribution.panels)
                 context.report(1.0)
-            except torch.OutOfMemoryError as error:  # batches already halved down to 1
+            except Exception as error:  # noqa: BLE001 - only OOM is mapped, the rest re-raised
+                # Batched methods have already halved down to 1; single-pass ones cannot.
+                if not is_out_of_memory(error):
+                    raise
                 raise DeviceOOM("The device ran out of memory even at batch size 1; try a "
                                 "smaller model or fewer samples.") from error
             finally:

@@ -105,10 +105,19 @@ def activation_bytes(module: "torch.nn.Module", sample: "torch.Tensor") -> int:
     return max(total, sample.numel() * sample.element_size())
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
+# Out-of-memory errors that are not ``torch.OutOfMemoryError``: the CPU allocator's (a plain
+# RuntimeError), and CUDA/cuDNN failures that some kernels report as RuntimeError.
+_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory",
+                 "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means the device (GPU or CPU) could not allocate memory."""
     import torch
 
-    return isinstance(error, torch.OutOfMemoryError)
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OOM_MESSAGES)
 
 
 def _release_cached_memory() -> None:
@@ -116,6 +125,19 @@ def _release_cached_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _halved_after(error: Exception, size: int, advice: str) -> int:
+    """The batch size to retry with after ``error``: half of ``size``. Re-raises anything that
+    is not out-of-memory; at size 1 raises DeviceOOM."""
+    if not is_out_of_memory(error):
+        raise error
+    _release_cached_memory()
+    if size == 1:
+        raise DeviceOOM(f"The device ran out of memory even at batch size 1; try {advice}.") \
+            from error
+    log.warning("out of memory; retrying with batch size %d", size // 2)
+    return size // 2
 
 
 def call_with_oom_fallback(run: Callable[[int], T], batch_size: int) -> T:
@@ -129,14 +151,7 @@ def call_with_oom_fallback(run: Callable[[int], T], batch_size: int) -> T:
         try:
             return run(size)
         except Exception as error:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not _is_out_of_memory(error):
-                raise
-            _release_cached_memory()
-            if size == 1:
-                raise DeviceOOM("The device ran out of memory even at batch size 1; try a "
-                                "smaller model or fewer samples.") from error
-            size = max(1, size // 2)
-            log.warning("out of memory; retrying with batch size %d", size)
+            size = _halved_after(error, size, "a smaller model or fewer samples")
 
 
 def for_each_batch(total: int, batch_size: int, process: Callable[[int, int], None],
@@ -156,14 +171,7 @@ def for_each_batch(total: int, batch_size: int, process: Callable[[int, int], No
         try:
             process(start, stop)
         except Exception as error:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not _is_out_of_memory(error):
-                raise
-            _release_cached_memory()
-            if size == 1:
-                raise DeviceOOM("The device ran out of memory even at batch size 1; try a "
-                                "smaller model or a larger window.") from error
-            size = max(1, size // 2)
-            log.warning("out of memory; retrying with batch size %d", size)
+            size = _halved_after(error, size, "a smaller model or a larger window")
             continue
         start = stop
         if context is not None:

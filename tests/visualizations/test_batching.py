@@ -45,6 +45,27 @@ def test_for_each_batch_gives_up_at_one_with_device_oom() -> None:
     assert caught.value.code == "E_DEVICE_OOM"
 
 
+def cpu_allocator_oom() -> RuntimeError:
+    """What the CPU allocator raises: a plain RuntimeError, not torch.OutOfMemoryError."""
+    return RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                        "can't allocate memory: you tried to allocate 1125899906842624 bytes.")
+
+
+def test_cpu_and_runtime_error_ooms_also_halve_the_batch() -> None:
+    for error in (cpu_allocator_oom(), RuntimeError("CUDA out of memory. Tried to allocate")):
+        sizes: list[int] = []
+
+        def process(start: int, stop: int, error: RuntimeError = error) -> None:
+            sizes.append(stop - start)
+            if stop - start > 2:
+                raise error
+
+        assert for_each_batch(6, 8, process) == 2
+        assert sizes[:3] == [6, 4, 2]  # batch 8 (6 left) -> 4 -> 2
+    assert batching.is_out_of_memory(injected_oom())
+    assert not batching.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
 def test_other_errors_are_not_swallowed() -> None:
     def process(start: int, stop: int) -> None:
         raise RuntimeError("not memory")
@@ -124,8 +145,9 @@ def test_methods_fall_back_to_smaller_batches(name: str, raw: dict) -> None:
     assert not _hook_ids(model.module)
 
 
+@pytest.mark.parametrize("make_error", [injected_oom, cpu_allocator_oom])
 @pytest.mark.parametrize("name", ["occlusion", "integrated_gradients", "grad_cam"])
-def test_oom_even_at_batch_one_is_device_oom(name: str) -> None:
+def test_oom_even_at_batch_one_is_device_oom(name: str, make_error) -> None:
     torch.manual_seed(0)
     model = wrap(TinyCnn())
     image = torch.randn(1, 3, 32, 32)
@@ -136,7 +158,7 @@ def test_oom_even_at_batch_one_is_device_oom(name: str) -> None:
     def forward_failing_after_prediction(x: torch.Tensor) -> torch.Tensor:
         calls["count"] += 1
         if calls["count"] > 1:  # the prediction succeeds; the method's passes do not
-            raise injected_oom()
+            raise make_error()
         return original_forward(x)
 
     model.module.forward = forward_failing_after_prediction  # type: ignore[method-assign]
