@@ -54,13 +54,21 @@ def choose_batch_size(model: "LoadedModel", sample: "torch.Tensor", context: "Ru
         return max(1, int(context.batch_size))
     per_copy = _activation_bytes_cached(model, sample) * (2 if backward else 1)
     if sample.device.type == "cuda":
-        import torch
-
-        free_bytes, _ = torch.cuda.mem_get_info(sample.device)
-        budget, largest = free_bytes * GPU_MEMORY_SHARE, MAX_GPU_BATCH_SIZE
+        budget, largest = _gpu_budget_bytes(sample.device), MAX_GPU_BATCH_SIZE
     else:
         budget, largest = _cpu_budget_bytes(), CPU_BATCH_SIZE
     return max(1, min(largest, int(budget // max(per_copy, 1))))
+
+
+def _gpu_budget_bytes(device: "torch.device") -> float:
+    """A share of the memory this process can still use on ``device``: what the driver reports
+    free plus what PyTorch's caching allocator holds but no tensor uses (after one large run the
+    cache keeps most of the memory reserved, and the driver no longer counts it as free)."""
+    import torch
+
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free_bytes + max(0, cached_unused)) * GPU_MEMORY_SHARE
 
 
 def _cpu_budget_bytes() -> float:

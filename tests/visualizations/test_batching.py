@@ -166,3 +166,14 @@ def test_oom_even_at_batch_one_is_device_oom(name: str, make_error) -> None:
         method.run(model, image, None, {}, RunContext(batch_size=4))
     assert caught.value.http_status == 503
     assert not _hook_ids(model.module)
+
+
+def test_gpu_budget_counts_memory_cached_by_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a large run PyTorch's allocator keeps memory reserved; the driver reports it as
+    used, but the next batch can use it (checked on the CPU with the CUDA queries faked)."""
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
+    budget = batching._gpu_budget_bytes(torch.device("cuda:0"))
+    assert budget == (2 + 50) * gib * batching.GPU_MEMORY_SHARE
