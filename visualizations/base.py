@@ -366,15 +366,18 @@ class Visualization(ABC):
 
 
 class _SubProgress(RunContext):
-    """A RunContext that maps 0..1 of one target onto its share of the whole run."""
+    """A RunContext that maps 0..1 of one target onto its share of the whole run. Progress
+    only moves forward: a batch retried after running out of memory counts its rows again."""
 
     def __init__(self, parent: RunContext, number: int, count: int) -> None:
         super().__init__(progress=None, cancel_event=parent.cancel_event,
                          batch_size=parent.batch_size)
         self._parent, self._number, self._count = parent, number, count
+        self._done = 0.0
 
     def report(self, fraction: float) -> None:
-        self._parent.report((self._number + min(1.0, max(0.0, fraction))) / self._count)
+        self._done = max(self._done, min(1.0, max(0.0, fraction)))
+        self._parent.report((self._number + self._done) / self._count)
 
 
 def _checked(panel: Panel) -> Panel:

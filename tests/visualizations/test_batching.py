@@ -177,3 +177,41 @@ def test_gpu_budget_counts_memory_cached_by_pytorch(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * gib)
     budget = batching._gpu_budget_bytes(torch.device("cuda:0"))
     assert budget == (2 + 50) * gib * batching.GPU_MEMORY_SHARE
+
+
+class _OomInBackward(torch.autograd.Function):
+    """Identity forward; the backward of a batch larger than ``limit`` runs out of memory
+    (as on a GPU, where the backward pass needs the most memory)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, limit: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.limit = limit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        if grad.shape[0] > ctx.limit:
+            raise injected_oom()
+        return grad, None
+
+
+class OomInBackwardAbove(nn.Module):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.inner = TinyCnn()
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(_OomInBackward.apply(x, self.limit))
+
+
+@pytest.mark.parametrize(("name", "raw"), [("integrated_gradients", {"steps": 20}),
+                                           ("saliency", {"smoothgrad_samples": 10})])
+def test_progress_never_goes_back_when_a_backward_pass_is_retried(name: str, raw: dict) -> None:
+    torch.manual_seed(0)
+    model = wrap(OomInBackwardAbove(limit=3))
+    seen: list[float] = []
+    visualization_registry.get(name).run(model, torch.randn(1, 3, 32, 32), None, raw,
+                                         RunContext(progress=seen.append, batch_size=16))
+    assert seen[-1] == 1.0
+    assert all(a <= b for a, b in zip(seen, seen[1:])), seen
