@@ -375,6 +375,11 @@ class Executor:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    def wait_for_catalog(self, timeout: float) -> bool:
+        """Whether this thread's first scan of the checkpoint directory is done (waiting up to
+        ``timeout`` seconds). HTTP threads wait here instead of scanning, which loads models."""
+        return self._catalog_ready.wait(timeout)
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Cancel queued and running jobs (recording why) and stop the thread."""
         if self._stopping.is_set():

@@ -10,6 +10,7 @@ from app import __version__
 from app.errors import BadRequest, NotFound
 from app.factory import services
 from app.http_errors import coded_error
+from app.views import scanned_catalog
 from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail, model_summary
 from app.views.security import FILE_CONTENT_SECURITY_POLICY
@@ -46,12 +47,13 @@ def ready() -> Response:
 
 @api.get("/models")
 def models() -> Response:
-    return jsonify(models=[model_summary(entry) for entry in _services().catalog.entries()])
+    catalog = scanned_catalog(_services())
+    return jsonify(models=[model_summary(entry) for entry in catalog.entries()])
 
 
 @api.get("/models/<model_id>")
 def model(model_id: str) -> Response:
-    return jsonify(model_detail(_services().catalog.get(model_id)))
+    return jsonify(model_detail(scanned_catalog(_services()).get(model_id)))
 
 
 @api.get("/visualizations")
@@ -61,7 +63,7 @@ def visualizations() -> Response:
     svc = _services()
     meta = None
     if request.args.get("model"):
-        entry = svc.catalog.get(request.args["model"])
+        entry = scanned_catalog(svc).get(request.args["model"])
         meta = entry.meta
     described = []
     for visualization in svc.visualizations:
@@ -112,7 +114,7 @@ def _json_body() -> Any:
 @api.post("/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     svc = _services()
-    spec = parse_job_request(_json_body(), catalog=svc.catalog, images=svc.images,
+    spec = parse_job_request(_json_body(), catalog=scanned_catalog(svc), images=svc.images,
                              settings=svc.settings, visualizations=svc.visualizations)
     job = svc.executor.submit(spec)
     page = url_for("pages.job", job_id=job.id)

@@ -176,3 +176,54 @@ def test_a_new_checkpoint_is_listed_as_latest_while_the_server_runs(client, chec
         time.sleep(0.1)
     latest = [m["file"] for m in models if m["latest"]]
     assert latest == ["epoch_2.pt"]
+
+
+class _ThreadRecordingCatalog:
+    """A catalog whose first scan (in the executor) waits for ``gate``; it records which
+    threads asked for a listing while no scan had finished yet."""
+
+    def __init__(self, inner):
+        self.inner, self.gate = inner, threading.Event()
+        self.scanned = False
+        self.early_callers: set[str] = set()
+
+    def entries(self):
+        if not self.scanned:
+            self.early_callers.add(threading.current_thread().name)
+            if threading.current_thread().name == "convscope-executor":
+                self.gate.wait(10)
+        listing = self.inner.entries()
+        self.scanned = True
+        return listing
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_http_threads_wait_for_the_executor_scan_and_never_scan_themselves(
+        make_app, checkpoint_dir, monkeypatch):
+    """A first scan loads every checkpoint; a request that arrives before the executor's scan
+    is done gets 503 E_NOT_READY rather than scanning (running models) in the HTTP thread."""
+    import torch
+
+    import app.views
+    from app.catalog import ModelCatalog
+
+    monkeypatch.setattr(app.views, "CATALOG_WAIT_S", 0.05)
+    catalog = _ThreadRecordingCatalog(ModelCatalog(checkpoint_dir, torch.device("cpu"),
+                                                   settle_seconds=0,
+                                                   rescan_seconds=float("inf")))
+    client = make_app(catalog=catalog, wait=False).test_client()
+    for path in ("/api/v1/models", "/", "/models", "/api/v1/visualizations?model=latest"):
+        response = client.get(path, headers={"Accept": "application/json"})
+        assert response.status_code == 503, path
+        assert response.json["error"]["code"] == "E_NOT_READY"
+        assert response.headers["Retry-After"]
+    response = client.post("/api/v1/jobs", json={"images": ["0" * 64],
+                                                  "visualizations": [{"name": "saliency"}]})
+    assert response.status_code == 503
+    assert catalog.early_callers == {"convscope-executor"}
+    catalog.gate.set()
+    from tests.web.conftest import wait_ready
+    wait_ready(client)
+    assert client.get("/api/v1/models").status_code == 200
