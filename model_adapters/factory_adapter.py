@@ -58,6 +58,13 @@ def load_factory_state_dict(factory: Callable[..., Any], state_dict: dict[str, t
                             device: torch.device) -> LoadedModel:
     module = build_from_factory(factory, config)
     fitted = fit_prefix(state_dict, set(module.state_dict()))
+    width = classifier_width(module, fitted)
+    if (width is not None and "num_classes" not in config.model.kwargs
+            and _accepts_num_classes(factory)):
+        # A fine-tuned checkpoint (e.g. 10 classes on a 1000-class factory default): build
+        # again at the checkpoint's class count, as the torchvision adapter does.
+        module = build_from_factory(factory, config, num_classes=width)
+        fitted = fit_prefix(state_dict, set(module.state_dict()))
     check_finite(fitted, path.name)
     load_strict(module, fitted, path.name)
     loaded = finish_checkpoint_model(module, architecture=architecture_name(config, module),
@@ -77,9 +84,37 @@ def architecture_name(config: CheckpointConfig, module: nn.Module) -> str:
     return first if isinstance(first, str) and len(first) <= 80 else type(module).__name__
 
 
-def build_from_factory(factory: Callable[..., Any], config: CheckpointConfig) -> nn.Module:
+def classifier_width(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The checkpoint's class count when it differs from ``module``'s only in the first
+    dimension of the classifier's tensors (same keys, every other shape equal), else None."""
+    expected = module.state_dict()
+    if set(expected) != set(state_dict):
+        return None
+    built, saved = set(), set()
+    for key, tensor in expected.items():
+        shape, actual = tuple(tensor.shape), tuple(state_dict[key].shape)
+        if shape == actual:
+            continue
+        if len(shape) != len(actual) or not shape or shape[1:] != actual[1:]:
+            return None
+        built.add(shape[0])
+        saved.add(actual[0])
+    return saved.pop() if len(built) == 1 and len(saved) == 1 else None
+
+
+def _accepts_num_classes(factory: Callable[..., Any]) -> bool:
     try:
-        module = factory(*config.model.args, **config.model.kwargs)
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(parameter.name == "num_classes" or parameter.kind is parameter.VAR_KEYWORD
+               for parameter in parameters)
+
+
+def build_from_factory(factory: Callable[..., Any], config: CheckpointConfig,
+                       **overrides: Any) -> nn.Module:
+    try:
+        module = factory(*config.model.args, **{**config.model.kwargs, **overrides})
     except Exception as error:  # noqa: BLE001 -- the factory is third-party code
         log.warning("Model factory %s failed: %s", config.model.factory, error)
         raise ConfigInvalid(f"convscope.toml: the model factory {config.model.factory!r} failed "

@@ -180,3 +180,37 @@ def test_googlenet_without_aux_heads_is_recognized() -> None:
     match = recognize(state)
     assert match is not None and match[0].architecture == "googlenet"
     assert dict(match[0].build_kwargs)["aux_logits"] is False
+
+
+@pytest.mark.parametrize("factory", ["tests.adapters.conftest:TinyNet",
+                                     "efficientnet_lite_pytorch:EfficientNet.from_name"])
+def test_factory_num_classes_is_inferred_from_a_fine_tuned_checkpoint(tmp_path: Path,
+                                                                      factory: str) -> None:
+    # The factory builds its default class count (3 for TinyNet, 1000 for EfficientNet);
+    # the checkpoint was fine-tuned on 5 classes, and convscope.toml does not say so.
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if factory.startswith("efficientnet"):
+        torch.manual_seed(0)
+        model = EfficientNet.from_name("efficientnet-lite0", num_classes=5).eval()
+        args, size = 'args = ["efficientnet-lite0"]\n', 64
+    else:
+        model, args, size = tiny_net(seed=3, num_classes=5), "", 32
+    torch.save({"model": model.state_dict(), "epoch": 9}, tmp_path / "finetuned.pt")
+    (tmp_path / "convscope.toml").write_text(
+        f'[model]\nfactory = "{factory}"\n{args}[preprocess]\ninput_size = [{size}, {size}]\n')
+
+    loaded = load_checkpoint(tmp_path / "finetuned.pt", read_config(tmp_path), CPU)
+
+    assert loaded.meta.num_classes == 5
+    torch.testing.assert_close(logits(loaded.module, probe_batch(size)),
+                               logits(model, probe_batch(size)))
+
+
+def test_factory_class_count_disagreeing_with_the_config_is_a_mismatch(tmp_path: Path) -> None:
+    torch.save(tiny_net(num_classes=5).state_dict(), tmp_path / "m.pt")
+    (tmp_path / "convscope.toml").write_text(
+        '[model]\nfactory = "tests.adapters.conftest:TinyNet"\nnum_classes = 4\n'
+        "[preprocess]\ninput_size = [16, 16]\n")
+    with pytest.raises(CheckpointMismatch, match="num_classes = 4"):
+        load_checkpoint(tmp_path / "m.pt", read_config(tmp_path), CPU)
