@@ -336,6 +336,7 @@ class Visualization(ABC):
         if reason:
             raise MethodUnsupported(reason)
         params = self.resolve(params, model.meta)
+        batch = batch.to(model.device)  # methods build their tensors on the batch's device
         started = time.perf_counter()
         with model.lock:
             hooks_before = _hook_ids(model.module)

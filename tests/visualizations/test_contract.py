@@ -372,3 +372,12 @@ def test_cuda_matches_cpu(name: str, tiny_image: torch.Tensor) -> None:
         if a.kind == "heatmap":
             atol = max(1e-5, 1e-3 * float(np.abs(a.values).max()))
             np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", METHODS)
+def test_a_cpu_batch_runs_on_a_cuda_model(name: str, tiny_image: torch.Tensor) -> None:
+    model = wrap(TinyCnn(), device="cuda")
+    result = visualization_registry.get(name).run(model, tiny_image, None,
+                                                  BATCHED.get(name, {}))
+    assert all(np.isfinite(panel.values).all() for panel in result.panels)
