@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -87,6 +88,21 @@ def make_app(tmp_path: Path, checkpoint_dir: Path) -> Iterator[Callable[..., Any
     yield build
     for app in built:
         app.extensions["convscope"].shutdown(timeout=10)
+
+
+@pytest.fixture
+def held_executor(make_app):
+    """An app whose executor is held inside its first job until ``gate`` is set:
+    ``(app, client, executor, image id, gate, started)``."""
+    app = make_app()
+    client = app.test_client()
+    executor = app.extensions["convscope"].executor
+    gate, started = threading.Event(), threading.Event()
+    original = executor._run
+    executor._run = lambda job: (started.set(), gate.wait(10), original(job))
+    image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
+    yield app, client, executor, image, gate, started
+    gate.set()
 
 
 @pytest.fixture

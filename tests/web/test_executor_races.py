@@ -8,20 +8,6 @@ import pytest
 from tests.web.conftest import png_bytes, submit, upload, wait_job
 
 
-@pytest.fixture
-def held_executor(make_app):
-    """An app whose executor is held inside its first job until ``gate`` is set."""
-    app = make_app()
-    client = app.test_client()
-    executor = app.extensions["convscope"].executor
-    gate, started = threading.Event(), threading.Event()
-    original = executor._run
-    executor._run = lambda job: (started.set(), gate.wait(10), original(job))
-    image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
-    yield app, client, executor, image, gate, started
-    gate.set()
-
-
 def test_shutdown_cancels_a_job_that_is_live_but_not_in_the_queue(held_executor):
     """A submit racing with shutdown can enqueue after the queue was emptied; the sweep over
     the process's live jobs must still record it as cancelled, never leave it queued."""

@@ -215,16 +215,10 @@ def test_cancel_stops_a_long_occlusion_job_promptly(make_app, tmp_path):
     assert client.delete(f"/api/v1/jobs/{job_id}").json["status"] == "cancelled"
 
 
-def test_cancel_a_queued_job_and_the_cancel_button(make_app):
+def test_cancel_a_queued_job_and_the_cancel_button(held_executor):
     from tests.web.conftest import csrf_from
 
-    app = make_app()
-    client = app.test_client()
-    executor = app.extensions["convscope"].executor
-    gate, started = threading.Event(), threading.Event()
-    original = executor._run
-    executor._run = lambda job: (started.set(), gate.wait(10), original(job))
-    image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
+    app, client, executor, image, gate, started = held_executor
     first = submit(client, [image]).json["id"]
     assert started.wait(5)
     queued = submit(client, [image]).json["id"]
