@@ -134,6 +134,10 @@ def resolve_factory(config: CheckpointConfig, *, trust_code: bool) -> Callable[.
     spec = config.model.factory or ""
     module_name, _, attribute_path = spec.partition(":")
     local_file = _local_module_file(config.directory, module_name)
+    if local_file is None and not trust_code and _found_inside(config.directory, module_name):
+        raise CheckpointNeedsTrust(f"The model factory {spec[:80]!r} is a package in the "
+                                   "checkpoint directory; importing it needs --trust-code (or "
+                                   "CONVSCOPE_TRUST_CODE=1).")
     if local_file is not None and not trust_code:
         raise CheckpointNeedsTrust(f"The model factory {spec[:80]!r} is a .py file in the "
                                    "checkpoint directory; running it needs --trust-code (or "
@@ -172,6 +176,21 @@ def _local_module_file(directory: Path, module_name: str) -> Path | None:
         return candidate
     candidate = directory / f"{module_name.split('.')[0]}.py"
     return candidate if candidate.is_file() else None
+
+
+def _found_inside(directory: Path, module_name: str) -> bool:
+    """True when the import system would find the module's top-level package inside the
+    checkpoint directory (it is on ``sys.path``, e.g. as the working directory): importing it
+    would run the directory's code. ``find_spec`` of a top-level name imports nothing."""
+    try:
+        spec = importlib.util.find_spec(module_name.split(".")[0])
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    root = directory.resolve()
+    places = [spec.origin, *(spec.submodule_search_locations or [])]
+    return any(place and Path(place).resolve().is_relative_to(root) for place in places)
 
 
 def _import_installed(module_name: str, spec: str) -> Any:

@@ -195,3 +195,26 @@ def test_annotated_builder_functions_are_allowed_without_trust(tmp_path: Path) -
     assert catalog.entries()[0].ok
     torch.testing.assert_close(logits(catalog.load("latest").module, probe_batch()),
                                logits(model, probe_batch()))
+
+
+def test_package_in_the_checkpoint_directory_on_sys_path_needs_trust(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The directory is importable (e.g. the working directory with `python -m`): a package in
+    # it is still the directory's code and must not be imported without the opt-in.
+    marker = tmp_path.parent / f"{tmp_path.name}-package-ran"
+    package = tmp_path / "dirmodels_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from tests.adapters.conftest import TinyNet as Net\n")
+    torch.save(tiny_net().state_dict(), tmp_path / "run.pt")
+    (tmp_path / "convscope.toml").write_text(
+        '[model]\nfactory = "dirmodels_pkg:Net"\n[preprocess]\ninput_size = [16, 16]\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(__import__("sys").modules, "dirmodels_pkg", raising=False)
+
+    entry = ModelCatalog(tmp_path, CPU, settle_seconds=0).entries()[0]
+
+    assert entry.error is not None and entry.error.code == "E_CHECKPOINT_NEEDS_TRUST"
+    assert not marker.exists()
+    assert ModelCatalog(tmp_path, CPU, trust_code=True, settle_seconds=0).entries()[0].ok
