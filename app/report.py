@@ -9,14 +9,15 @@ means the bundled demo), runs the requested methods on every image and writes in
 * the PNGs and ``.npy`` arrays those paths name;
 * ``report.html`` -- one self-contained page (images inlined as data URIs, inline CSS).
 
-Everything a user can get wrong (a method name, a ``--param``, a target, a device, an image) is
-checked before the first model evaluation and reported as ``CODE: message`` with exit status 2;
+Everything a user can get wrong (a method name, a ``--param``, a target, a device, an image,
+the output folder) is checked before the first model evaluation and reported as ``CODE: message`` with exit status 2;
 a run that fails later exits 1. ``--json`` prints the results object to stdout.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
-from app.errors import BadParameter, ConvscopeError, ImageUnsupported, NotFound
+from app.errors import BadParameter, ConvscopeError, ImageUnsupported, NotFound, StorageFull
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -57,6 +58,8 @@ def visualize_command(args: argparse.Namespace, out: TextIO | None = None) -> in
     out = out or sys.stdout
     try:
         report = build_report(args)
+    except OSError as error:  # writing OUTDIR failed part-way (disk full, removed, ...)
+        return _fail(out, bool(args.json), _write_error(error), EXIT_FAILED)
     except ConvscopeError as error:
         return _fail(out, bool(args.json), error, EXIT_USAGE if _is_usage(error) else EXIT_FAILED)
     if args.json:
@@ -82,12 +85,11 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     configure_threads()
     device = resolve_device(args.device)
     images = [(path, read_image(path)) for path in image_paths]
+    out_dir = prepare_out_dir(Path(args.out))
     model = open_model(directory, args.checkpoint, device, args.trust_code)
     requests = parse_method_requests(args.methods, args.params, model)
     targets = parse_targets(args.targets, model)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"model": model_record(model), "images": []}
     pages: list[dict[str, Any]] = []
     for number, (path, image) in enumerate(images):
@@ -130,6 +132,17 @@ def read_image(path: Path) -> "Image.Image":
         return ingest_image(data, path.name).image
     except ConvscopeError as error:
         raise type(error)(f"{path.name}: {error.message}", fields=error.fields) from None
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Create OUTDIR (and its parents) before any model work, so a bad ``--out`` is a usage
+    error, not a traceback after minutes of computing."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadParameter(f"--out cannot be created as a folder ({error.strerror or 'error'}).",
+                           fields={"out": "a writable folder"}) from None
+    return out_dir
 
 
 def open_model(directory: Path | None, checkpoint: str | None, device: Any,
@@ -289,6 +302,13 @@ def _slug(text: str) -> str:
 _USAGE_CODES = {"E_BAD_PARAMETER", "E_BAD_REQUEST", "E_UNKNOWN_VISUALIZATION", "E_UNKNOWN_CLASS",
                 "E_UNKNOWN_MODEL", "E_NOT_FOUND", "E_METHOD_UNSUPPORTED",
                 "E_DEVICE_UNAVAILABLE", "E_CHECKPOINT_NEEDS_TRUST"}
+
+
+def _write_error(error: OSError) -> ConvscopeError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull("The disk is full; the report could not be written.")
+    return BadParameter(f"The report could not be written to --out ({error.strerror or 'error'}).",
+                        fields={"out": "a writable folder"})
 
 
 def _is_usage(error: ConvscopeError) -> bool:

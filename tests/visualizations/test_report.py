@@ -1,6 +1,7 @@
 """``convscope visualize``: the files it writes, the exact shape of results.json, and errors."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -180,6 +181,31 @@ def test_bad_input_exits_nonzero_with_a_code(tmp_path: Path, checkpoint_dir: Pat
         assert text in stderr, stderr
     assert "Traceback" not in stderr and str(tmp_path) not in stderr
     assert not (out_dir / "report.html").exists()
+
+
+def test_unusable_out_folder_is_a_usage_error(tmp_path: Path, checkpoint_dir: Path,
+                                              images: list[Path],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    occupied = tmp_path / "a-file"
+    occupied.write_text("not a folder", encoding="utf-8")
+    for out_dir in (occupied, occupied / "below"):
+        status, stdout, stderr = run_cli([str(checkpoint_dir), str(images[0]), "--method",
+                                          "saliency", "--out", str(out_dir), "--json"], capsys)
+        assert status == 2 and "E_BAD_PARAMETER" in stderr and "--out" in stderr, stderr
+        assert json.loads(stdout)["error"]["fields"] == {"out": "a writable folder"}
+        assert "Traceback" not in stderr and str(tmp_path) not in stderr
+
+
+def test_a_failed_write_is_a_clean_error(tmp_path: Path, checkpoint_dir: Path,
+                                         images: list[Path], monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    status, _, stderr = run_cli([str(checkpoint_dir), str(images[0]), "--method", "saliency",
+                                 "--out", str(tmp_path / "out")], capsys)
+    assert status == 1 and "E_STORAGE_FULL" in stderr and "Traceback" not in stderr
 
 
 def test_bad_images_and_json_errors(tmp_path: Path, checkpoint_dir: Path,
