@@ -115,14 +115,6 @@ def legend_stops(signed: bool, n: int = 11) -> list[str]:
     return ["#%02x%02x%02x" % tuple(int(c) for c in table[i]) for i in indices]
 
 
-def legend_png(signed: bool, width: int = 256, height: int = 12) -> bytes:
-    """A horizontal colour bar (low on the left) as PNG bytes, for pages without CSS."""
-    table = colormap_table(_colormap_name(signed))
-    columns = np.round(np.linspace(0, 255, max(2, width))).astype(np.intp)
-    bar = np.broadcast_to(table[columns][None, :, :], (max(1, height), len(columns), 3))
-    return encode_png(np.ascontiguousarray(bar))
-
-
 def render_panel(panel: "Panel", model_view: Image.Image, opacity: float = 0.5) -> RenderedPanel:
     """Both pictures of a panel. Heatmaps are coloured with their value range; image panels
     (e.g. the occlusion grid) are shown as they are, in both slots."""

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.rendering import (RenderedPanel, colorize, colormap_table, encode_png, legend_png,
-                           legend_stops, normalize, overlay, render_panel)
+from app.rendering import (RenderedPanel, colorize, colormap_table, encode_png, legend_stops,
+                           normalize, overlay, render_panel)
 from visualizations.base import Panel, TargetInfo
 
 
@@ -86,8 +86,10 @@ def test_legends() -> None:
     assert all(len(stop) == 7 and stop.startswith("#") for stop in unsigned + signed)
     middle = signed[2]
     assert all(int(middle[i:i + 2], 16) > 230 for i in (1, 3, 5)), "signed legend: white at 0"
-    bar = Image.open(io.BytesIO(legend_png(False, width=100, height=10)))
-    assert bar.size == (100, 10)
+    # The stops are the colormap's own colours, low to high.
+    assert unsigned[0] == "#%02x%02x%02x" % tuple(colormap_table("inferno")[0])
+    assert unsigned[-1] == "#%02x%02x%02x" % tuple(colormap_table("inferno")[255])
+    assert int(signed[0][5:7], 16) > int(signed[0][1:3], 16), "signed legend starts blue"
 
 
 def test_render_panel_heatmap_and_image_panels() -> None:
