@@ -16,18 +16,18 @@ which generalizes CAM to any head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from app.errors import MethodUnsupported
-from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization
+from visualizations.base import Attribution, Panel, RunContext, TargetInfo
 from visualizations.common import (as_model_input, captured_calls, check_finite, find_layer,
                                    prepare_model, to_map, upsample)
-from visualizations.layer_choice import layer_param, layer_support, resolve_layer
+from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
     import torch
 
-    from model_adapters.base import LoadedModel, ModelMeta
+    from model_adapters.base import LoadedModel
 
 _CAM_LAYER = "\0cam_layer"  # a key no real module name can take
 _NOT_GAP_LINEAR = ("CAM needs a head of global average pooling followed by one linear layer "
@@ -48,7 +48,7 @@ def _close(a: "torch.Tensor", b: "torch.Tensor") -> bool:
     return bool(torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * max(1.0, scale)))
 
 
-class ClassActivationMap(Visualization):
+class ClassActivationMap(LayerVisualization):
     name = "cam"
     title = "CAM"
     description = ("The class's weights of the final linear layer applied to the last feature "
@@ -57,12 +57,6 @@ class ClassActivationMap(Visualization):
     reference = "https://arxiv.org/abs/1512.04150"
     Params = CamParams
     signed = True
-
-    def supports(self, meta: "ModelMeta") -> str | None:
-        return layer_support(meta)
-
-    def resolve(self, params: Any, meta: "ModelMeta") -> CamParams:
-        return resolve_layer(params, meta)
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: CamParams, context: RunContext) -> Attribution:

@@ -11,17 +11,17 @@ Costs one forward and one backward pass (captum's ``LayerGradCam``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization, param
+from visualizations.base import Attribution, Panel, RunContext, TargetInfo, param
 from visualizations.common import (ObservedForward, as_model_input, find_layer, prepare_model,
                                    quiet_captum, to_map, upsample)
-from visualizations.layer_choice import layer_param, layer_support, resolve_layer
+from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
     import torch
 
-    from model_adapters.base import LoadedModel, ModelMeta
+    from model_adapters.base import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def grad_cam_map(model: "LoadedModel", inputs: "torch.Tensor", target: int, laye
     return upsample(coarse.detach().float(), tuple(inputs.shape[-2:]))
 
 
-class GradCamMap(Visualization):
+class GradCamMap(LayerVisualization):
     name = "grad_cam"
     title = "Grad-CAM"
     description = ("Which regions of a convolutional layer raise the class score: its feature "
@@ -52,12 +52,6 @@ class GradCamMap(Visualization):
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GradCamParams
     signed = False
-
-    def supports(self, meta: "ModelMeta") -> str | None:
-        return layer_support(meta)
-
-    def resolve(self, params: Any, meta: "ModelMeta") -> GradCamParams:
-        return resolve_layer(params, meta)
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: GradCamParams, context: RunContext) -> Attribution:

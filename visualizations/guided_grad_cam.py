@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization
+from visualizations.base import Attribution, Panel, RunContext, TargetInfo
 from visualizations.common import (as_model_input, find_layer, prepare_model, quiet_captum,
                                    to_map)
-from visualizations.layer_choice import layer_param, layer_support, resolve_layer
+from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ class GuidedGradCamParams:
     layer: str | None = layer_param()
 
 
-class GuidedGradCamMap(Visualization):
+class GuidedGradCamMap(LayerVisualization):
     name = "guided_grad_cam"
     title = "Guided Grad-CAM"
     description = ("Grad-CAM's class regions multiplied by guided backpropagation: "
@@ -39,12 +39,6 @@ class GuidedGradCamMap(Visualization):
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GuidedGradCamParams
     signed = False
-
-    def supports(self, meta: "ModelMeta") -> str | None:
-        return layer_support(meta)
-
-    def resolve(self, params: Any, meta: "ModelMeta") -> GuidedGradCamParams:
-        return resolve_layer(params, meta)
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return 2

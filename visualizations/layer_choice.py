@@ -1,4 +1,4 @@
-"""The ``layer`` parameter shared by CAM, Grad-CAM and Guided Grad-CAM.
+"""The ``layer`` parameter shared by CAM, Grad-CAM and Guided Grad-CAM, and their base class.
 
 Its choices come from the model (``ModelMeta.cam_layers``: modules with spatial 4-D outputs, in
 forward order); its default is the model's last spatial layer before global pooling.
@@ -9,7 +9,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from app.errors import MethodUnsupported
-from visualizations.base import AUTO, param
+from visualizations.base import AUTO, Visualization, param
 
 if TYPE_CHECKING:
     from model_adapters.base import ModelMeta
@@ -38,3 +38,14 @@ def resolve_layer(params: Any, meta: "ModelMeta") -> Any:
     if layer is None:
         raise MethodUnsupported(layer_support(meta) or "This model has no CAM layer.")
     return dataclasses.replace(params, layer=layer)
+
+
+class LayerVisualization(Visualization):
+    """A method computed at one convolutional layer (``Params`` has a ``layer`` field made with
+    :func:`layer_param`): refused for models without CAM layers, default layer filled in."""
+
+    def supports(self, meta: "ModelMeta") -> str | None:
+        return layer_support(meta)
+
+    def resolve(self, params: Any, meta: "ModelMeta") -> Any:
+        return resolve_layer(params, meta)
