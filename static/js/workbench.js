@@ -40,16 +40,18 @@
     return body.images[0];
   }
 
-  function addFile(file) {
+  // A File to upload, or an image uploaded before the page reloaded for another model.
+  function addFile(file, restored) {
+    const displayName = restored ? restored.filename : file.name;
     const item = document.createElement("li");
     item.className = "thumb";
     const thumbnail = document.createElement("img");
     thumbnail.alt = "";
-    const previewUrl = URL.createObjectURL(file);
-    thumbnail.src = previewUrl;
+    const previewUrl = restored ? null : URL.createObjectURL(file);
+    thumbnail.src = previewUrl || form.dataset.imageUrl.replace("IMAGE_ID", restored.id);
     const name = document.createElement("span");
     name.className = "filename";
-    name.textContent = file.name;
+    name.textContent = displayName;
     const state = document.createElement("span");
     state.className = "state";
     state.textContent = "uploading…";
@@ -63,26 +65,35 @@
     remove.type = "button";
     remove.className = "remove";
     remove.textContent = "Remove";
-    remove.setAttribute("aria-label", "Remove " + file.name);
+    remove.setAttribute("aria-label", "Remove " + displayName);
     item.append(thumbnail, name, state, label, remove);
     list.append(item);
 
     const upload = { item, id: null, trueLabel };
-    upload.done = postImage(file).then((image) => {
+    const ready = (image) => {
       upload.id = image.id;
       upload.filename = image.filename;
+      upload.image = { id: image.id, filename: image.filename, width: image.width,
+                       height: image.height };
       item.dataset.imageId = image.id;
       state.textContent = "ready · " + image.width + "×" + image.height;
       thumbnail.src = form.dataset.imageUrl.replace("IMAGE_ID", image.id);
-      URL.revokeObjectURL(previewUrl);
-    }).catch((error) => {
-      item.classList.add("failed");
-      state.textContent = error.message;
-    });
+      if (previewUrl) URL.revokeObjectURL(previewUrl);
+    };
+    if (restored) {
+      trueLabel.value = restored.trueLabel || "";
+      ready(restored);
+      upload.done = Promise.resolve();
+    } else {
+      upload.done = postImage(file).then(ready).catch((error) => {
+        item.classList.add("failed");
+        state.textContent = error.message;
+      });
+    }
     remove.addEventListener("click", () => {
       uploads.splice(uploads.indexOf(upload), 1);
       item.remove();
-      URL.revokeObjectURL(previewUrl);
+      if (previewUrl) URL.revokeObjectURL(previewUrl);
       fileInput.focus();
     });
     uploads.push(upload);
@@ -91,7 +102,7 @@
   function addFiles(files) {
     const chosen = Array.from(files);
     const room = Math.max(0, maxImages - uploads.length);
-    chosen.slice(0, room).forEach(addFile);
+    chosen.slice(0, room).forEach((file) => addFile(file));
     if (chosen.length > room) say("A job takes at most " + maxImages + " images; the rest were left out.");
     fileInput.value = "";
   }
@@ -109,9 +120,25 @@
     if (event.dataTransfer && event.dataTransfer.files) addFiles(event.dataTransfer.files);
   });
 
-  // Another model changes the parameter choices and class list: reload the form for it.
+  // Another model changes the parameter choices and class list: reload the form for it,
+  // keeping the images already uploaded (and their true labels) for this browser tab.
+  const KEPT_UPLOADS = "convscope.workbench.uploads";
+  try {
+    const kept = JSON.parse(window.sessionStorage.getItem(KEPT_UPLOADS) || "[]");
+    window.sessionStorage.removeItem(KEPT_UPLOADS);
+    kept.slice(0, maxImages).forEach((image) => addFile(null, image));
+  } catch (error) {
+    // Storage unavailable or unreadable: start with an empty list.
+  }
   form.querySelectorAll("input[name=model]").forEach((radio) => {
     radio.addEventListener("change", () => {
+      const kept = uploads.filter((upload) => upload.image).map((upload) =>
+        Object.assign({ trueLabel: upload.trueLabel.value }, upload.image));
+      try {
+        window.sessionStorage.setItem(KEPT_UPLOADS, JSON.stringify(kept));
+      } catch (error) {
+        // Storage unavailable: the images must be added again.
+      }
       const url = new URL(window.location.href);
       url.search = "";
       url.searchParams.set("model", radio.value);
