@@ -132,6 +132,23 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
     assert "<script" not in html and "<link" not in html and "@import" not in html
 
 
+def test_report_escapes_file_names_and_labels(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    directory = write_checkpoint_dir(tmp_path / "runs", {"tiny.pt": 0})
+    hostile_label = '<img src=x onerror="alert(1)">'
+    (directory / "labels.txt").write_text(
+        "\n".join(f"{hostile_label}{i}" for i in range(3)) + "\n", encoding="utf-8")
+    image = write_image(tmp_path / "<b onmouseover=alert(2)>.png", 1)
+    out_dir = tmp_path / "out"
+    status, _, stderr = run_cli([str(directory), str(image), "--method", "grad_cam",
+                                 "--out", str(out_dir)], capsys)
+    assert status == 0, stderr
+    html = (out_dir / "report.html").read_text(encoding="utf-8")
+    assert "<b onmouseover" not in html and "<img src=x" not in html
+    assert "&lt;b onmouseover=alert(2)&gt;.png" in html
+    assert "&lt;img src=x onerror=" in html
+
+
 def test_checkpoint_option_picks_a_file(tmp_path: Path, images: list[Path],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     directory = write_checkpoint_dir(tmp_path / "two", {"a.pt": 1, "b.pt": 2})
