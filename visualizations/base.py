@@ -337,8 +337,8 @@ class Visualization(ABC):
             raise MethodUnsupported(reason)
         params = self.resolve(params, model.meta)
         batch = batch.to(model.device)  # methods build their tensors on the batch's device
-        started = time.perf_counter()
         with model.lock:
+            started = time.perf_counter()  # the method's own time, not the wait for the lock
             hooks_before = _hook_ids(model.module)
             try:
                 probabilities = model.predict(batch)[0].cpu().numpy()

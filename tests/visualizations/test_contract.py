@@ -264,6 +264,24 @@ def test_two_threads_on_one_model(name: str, tiny_image: torch.Tensor) -> None:
     assert not _hook_ids(model.module)
 
 
+def test_elapsed_time_excludes_waiting_for_the_model(tiny_model: LoadedModel,
+                                                    tiny_image: torch.Tensor) -> None:
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with tiny_model.lock:
+            holding.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    holding.wait(5)
+    threading.Timer(1.0, release.set).start()
+    result = visualization_registry.get("cam").run(tiny_model, tiny_image, None, {})
+    holder.join()
+    assert result.elapsed_ms < 900, "the second spent waiting for the lock was counted"
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_nan_model_output_is_an_error(name: str, tiny_image: torch.Tensor) -> None:
     with pytest.raises(ModelOutputInvalid) as caught:
