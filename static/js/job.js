@@ -55,6 +55,10 @@
           return;
         }
         failures = 0;
+      } else if (response.status === 404 || response.status === 410) {
+        // The job is gone or its results expired: the page itself shows why.
+        window.location.reload();
+        return;
       } else {
         failures += 1;
       }
