@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -234,10 +235,20 @@ def test_batch_size_does_not_change_the_result(name: str, tiny_model: LoadedMode
         np.testing.assert_allclose(a.values, b.values, rtol=1e-4, atol=atol)
 
 
+class SlowTinyCnn(TinyCnn):
+    """TinyCnn that pauses between its features and its head, releasing the GIL, so two
+    threads' forward passes interleave (a hook one installs would see the other's data)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x)
+        time.sleep(0.002)
+        return self.fc(torch.flatten(self.pool(features), 1))
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_two_threads_on_one_model(name: str, tiny_image: torch.Tensor) -> None:
     torch.manual_seed(0)
-    model = wrap(TinyCnn())
+    model = wrap(SlowTinyCnn())
     method = visualization_registry.get(name)
     raw = BATCHED.get(name, {})
     images = [tiny_image, torch.flip(tiny_image, dims=[3])]
