@@ -8,10 +8,14 @@ rather than importing it -- so a pickle carrying a code payload never runs.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import enum
+import functools
 import logging
 import pickle
 import struct
+import threading
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +53,32 @@ class FileKind(enum.Enum):
 
 
 CODE_KINDS = frozenset({FileKind.CODE_ZIP, FileKind.TORCHSCRIPT, FileKind.EXPORT})
+
+
+@functools.cache
+def _data_only_globals() -> tuple[Any, ...]:
+    """Globals that rebuild plain data, not code, which training scripts commonly save beside the
+    weights: numpy scalars and arrays (``best_acc = np.float64(...)``) and ``argparse.Namespace``
+    (``args``). Allowing them keeps such checkpoints loadable without --trust-code."""
+    import numpy as np
+    import numpy.dtypes
+
+    multiarray = np._core.multiarray
+    dtypes = [cls for cls in vars(numpy.dtypes).values()
+              if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return (multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *dtypes,
+            argparse.Namespace)
+
+
+# torch's safe_globals context edits one process-wide list; overlapping uses from two threads
+# would remove each other's entries mid-load.
+_SAFE_GLOBALS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _allow_data_only_globals():
+    with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(list(_data_only_globals())):
+        yield
 
 
 def inspect_file(path: Path) -> FileKind:
@@ -91,7 +121,8 @@ def _inspect_zip(path: Path) -> FileKind:
     if "data.pkl" not in inner:
         return FileKind.OTHER
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        with _allow_data_only_globals():
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # noqa: BLE001 -- any failure to disassemble means a damaged archive
         return FileKind.DAMAGED_ZIP
     if unsafe:
@@ -124,7 +155,8 @@ def read_weights(path: Path) -> Any:
     if kind is FileKind.SAFETENSORS:
         return _read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _allow_data_only_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # The restricted unpickler refused a global: a full pickle in the legacy format (or a
         # plain pickle with a payload). Nothing was imported or called.

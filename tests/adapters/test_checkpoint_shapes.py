@@ -1,10 +1,12 @@
 """Every checkpoint shape real training scripts write loads to the same weights (same logits)."""
 from __future__ import annotations
 
+import argparse
 import copy
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -47,6 +49,11 @@ SHAPES: dict[str, Callable[[nn.Module], Any]] = {
                                  "optimizer_states": [_optimizer_state(m)],
                                  "hyper_parameters": {"lr": 0.01}},
     "ddp_compiled.pt": lambda m: _prefixed(m.state_dict(), "module._orig_mod."),
+    # Plain data that scripts save beside the weights: numpy scalars/arrays, argparse args.
+    "numpy_and_args.pth": lambda m: {"state_dict": m.state_dict(),
+                                     "best_acc": np.float64(0.93), "epoch": np.int64(12),
+                                     "confusion": np.eye(3, dtype=np.float32),
+                                     "args": argparse.Namespace(lr=0.1, arch="squeezenet1_1")},
 }
 
 
