@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,18 +11,14 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.browser import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_make_demo_serves_the_demo_model(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, CONVSCOPE_PORT=str(port), CONVSCOPE_DATA_DIR=str(tmp_path / "data"))
     env.pop("CONVSCOPE_CHECKPOINT_DIR", None)
     process = subprocess.Popen(["make", "--no-print-directory", "demo"], cwd=ROOT, env=env,

@@ -3,17 +3,11 @@ Chromium. The login page sets the cookie, the workbench script's API calls (sess
 X-CSRF-Token header) upload and run a job, and signing out closes the pages again."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
+from tests.browser import browser_or_skip, launch_chromium, running_server
 from tests.security.conftest import TOKEN
 from tests.web.conftest import png_bytes, write_checkpoint_dir
-from tests.web.test_browser import CHROMIUM, ROOT, _browser_or_skip, _free_port, _get
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -22,41 +16,17 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def token_server(tmp_path):
     """`convscope serve` on a loopback port with CONVSCOPE_AUTH_TOKEN and a tiny model."""
     directory = write_checkpoint_dir(tmp_path / "checkpoints")
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    environ = {**os.environ, "CONVSCOPE_TORCH_THREADS": "1", "CONVSCOPE_DEVICE": "cpu",
-               "CONVSCOPE_AUTH_TOKEN": TOKEN}
-    command = [sys.executable, "-m", "app.cli", "serve", str(directory), "--port", str(port),
-               "--data-dir", str(tmp_path / "data")]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while _get(base + "/api/v1/ready") != 200:       # open without a token
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("convscope serve did not become ready:\n"
-                        + log_path.read_text(errors="replace")[-3000:])
-        time.sleep(0.2)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    assert "Traceback" not in log_path.read_text(errors="replace")
+    with running_server(tmp_path, [str(directory)], ready_timeout_s=60,
+                        environment={"CONVSCOPE_AUTH_TOKEN": TOKEN}) as base:
+        yield base
 
 
 def test_login_upload_run_and_sign_out_in_chromium(token_server):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     problems: list[str] = []
     refused: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking"])
+        browser = launch_chromium(playwright)
         try:
             context = browser.new_context()
             page = context.new_page()

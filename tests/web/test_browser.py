@@ -10,19 +10,12 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
+from tests.browser import ROOT, browser_or_skip, launch_chromium, running_server
+
 CAT_PHOTO = ROOT / "demo" / "images" / "chelsea.jpg"
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
 CAT_CLASSES = range(281, 286)       # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -31,63 +24,11 @@ ARTIFACTS = ROOT / "test-artifacts"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def _browser_or_skip():
-    reason = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        reason = "Python playwright is not installed"
-        sync_playwright = None
-    if reason is None and not os.path.exists(CHROMIUM):
-        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CONVSCOPE_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"CONVSCOPE_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    return sync_playwright
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except OSError:
-        return 0
-
-
 @pytest.fixture
 def demo_server(tmp_path):
     """`convscope serve` (the demo) on a free loopback port; stopped with SIGTERM afterwards."""
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    environ = {**os.environ, "CONVSCOPE_TORCH_THREADS": "1", "CONVSCOPE_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-               "--data-dir", str(tmp_path / "data")]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while _get(base + "/api/v1/ready") != 200:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("convscope serve did not become ready:\n"
-                        + log_path.read_text(errors="replace")[-3000:])
-        time.sleep(0.25)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail("convscope serve did not stop on SIGTERM")
-    assert "Traceback" not in log_path.read_text(errors="replace")
+    with running_server(tmp_path) as base:
+        yield base
 
 
 def _png_payload() -> bytes:
@@ -98,14 +39,11 @@ def _png_payload() -> bytes:
 
 
 def test_upload_run_and_read_results_in_chromium(demo_server):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     problems: list[str] = []
     dialogs: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking"])
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("console", lambda message: message.type == "error"

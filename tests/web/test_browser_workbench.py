@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.browser import browser_or_skip, launch_chromium, running_server
 from tests.web.conftest import png_bytes, write_checkpoint_dir
-from tests.web.test_browser import CHROMIUM, ROOT, _browser_or_skip, _free_port, _get
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -23,39 +20,15 @@ def two_model_server(tmp_path):
     directory = write_checkpoint_dir(tmp_path / "checkpoints")
     shutil.copy(directory / "tiny.pt", directory / "older.pt")
     os.utime(directory / "older.pt", (time.time() - 3600, time.time() - 3600))
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    environ = {**os.environ, "CONVSCOPE_TORCH_THREADS": "1", "CONVSCOPE_DEVICE": "cpu"}
-    command = [sys.executable, "-m", "app.cli", "serve", str(directory), "--port", str(port),
-               "--data-dir", str(tmp_path / "data")]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while _get(base + "/api/v1/ready") != 200:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("convscope serve did not become ready:\n"
-                        + log_path.read_text(errors="replace")[-3000:])
-        time.sleep(0.2)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    assert "Traceback" not in log_path.read_text(errors="replace")
+    with running_server(tmp_path, [str(directory)], ready_timeout_s=60) as base:
+        yield base
 
 
 def test_switching_the_model_keeps_the_uploaded_images(two_model_server):
-    sync_playwright = _browser_or_skip()
+    sync_playwright = browser_or_skip()
     problems: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                  "--disable-background-networking"])
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page()
             page.on("console", lambda message: message.type == "error"
