@@ -155,7 +155,24 @@ def _owner_alive(token: str) -> bool:
         pid = int(pid_text)
     except ValueError:
         return False
-    return started != "?" and _start_time(pid) == started
+    if started == "?":
+        # No /proc (e.g. macOS): a live process with that pid is the best evidence there is.
+        return _pid_exists(pid)
+    return _start_time(pid) == started
+
+
+def _pid_exists(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
 
 
 class Job:

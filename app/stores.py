@@ -352,8 +352,13 @@ def canonical_json(value: Any) -> str:
 
 
 def result_key(**parts: Any) -> str:
-    """The content address of a result: sha256 of the canonical JSON of what determines it."""
-    return hashlib.sha256(canonical_json({"format": STORE_FORMAT, **parts}).encode()).hexdigest()
+    """The content address of a result: sha256 of the canonical JSON of what determines it. The
+    convscope version is part of it, so an upgrade that changes a method never serves results
+    computed by the old code."""
+    from app import __version__
+
+    identity = {"format": STORE_FORMAT, "version": __version__, **parts}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -402,3 +402,18 @@ def test_the_workbench_form_names_images_as_uploaded(client, monkeypatch):
     assert response.status_code == 303, response.data[:500]
     job = wait_job(client, response.headers["Location"].rsplit("/", 1)[1])
     assert job["results"][0]["filename"] == "mine.png"
+
+
+def test_job_owner_liveness_without_proc(monkeypatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from app import jobs
+
+    monkeypatch.setattr(jobs, "_start_time", lambda pid: "?")
+    assert jobs._owner_alive(f"{os.getpid()}:?")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    assert not jobs._owner_alive(f"{int(finished.stdout)}:?")
+    assert not jobs._owner_alive("not-a-pid:?")

@@ -51,3 +51,14 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     assert getattr(caught.value, "code", "") == "E_STORAGE_FULL"
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["file.json"]
+
+
+def test_result_keys_change_with_the_convscope_version(monkeypatch) -> None:
+    import app
+    from app.stores import result_key
+
+    parts = {"image": "a" * 64, "method": "grad_cam", "params": {"layer": "x"}, "target": 3}
+    before = result_key(**parts)
+    assert result_key(**parts) == before
+    monkeypatch.setattr(app, "__version__", "999.0.0")
+    assert result_key(**parts) != before
