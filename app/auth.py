@@ -11,8 +11,8 @@ Off unless ``CONVSCOPE_AUTH_TOKEN`` (or ``CONVSCOPE_AUTH_TOKEN_FILE``) is set. T
   by the browser on its own, so a state-changing API call authenticated by it must also carry
   the session's CSRF token in the ``X-CSRF-Token`` header (the workbench script sends it):
   another site cannot set that header without a CORS preflight, which is never granted.
-- Open without a token: health and readiness, static files, the legend stylesheet, and the
-  login page itself.
+- Open without a token: health and readiness, static files, the legend stylesheet, the
+  bundled public-domain sample images (``/samples/<name>``), and the login page itself.
 - Tokens are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, so
   the length does not leak either). The session holds an HMAC of the token, never the token,
   so changing the token signs every browser out.
@@ -45,7 +45,8 @@ TOKEN_FIELD = "token"
 NEXT_FIELD = "next"
 # Reachable without a token: probes, assets, and the way in.
 OPEN_ENDPOINTS = frozenset({"api.health", "api.ready", "static", "pages.legend_css",
-                            "auth.login", "auth.submit_login", "auth.logout"})
+                            "samples.sample", "auth.login", "auth.submit_login",
+                            "auth.logout"})
 
 auth = Blueprint("auth", __name__)
 

@@ -33,8 +33,10 @@ def init_app(app: Flask, settings: Any) -> None:
     from app import __version__
     from app.views.api import api
     from app.views.pages import pages
+    from app.views.samples import init_app as init_samples
 
     app.jinja_env.filters["isotime"] = isotime
     app.jinja_env.globals["version"] = __version__
     app.register_blueprint(pages)
     app.register_blueprint(api)
+    init_samples(app, settings)

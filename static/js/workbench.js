@@ -108,6 +108,24 @@
   }
 
   fileInput.addEventListener("change", () => addFiles(fileInput.files));
+
+  // Sample images: fetch the bundled photo and upload its bytes like a chosen file.
+  async function addSample(button) {
+    button.disabled = true;
+    try {
+      const response = await fetch(button.dataset.sampleUrl, { credentials: "same-origin" });
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const blob = await response.blob();
+      addFiles([new File([blob], button.dataset.sampleName, { type: blob.type })]);
+    } catch (error) {
+      say("The sample image could not be loaded: " + error.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+  form.querySelectorAll("button.sample").forEach((button) => {
+    button.addEventListener("click", () => addSample(button));
+  });
   ["dragenter", "dragover"].forEach((type) => dropzone.addEventListener(type, (event) => {
     event.preventDefault();
     dropzone.classList.add("dragging");
