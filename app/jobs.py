@@ -626,7 +626,7 @@ class _JobRun:
             if self.job.cancel_event.is_set():
                 self._raise_cancelled()
             try:
-                outcome, view, batch = self._predict(image_index, image_id)
+                outcome, view, batch, probabilities = self._predict(image_index, image_id)
             except ConvscopeError as error:
                 if self._job_level(error):
                     raise
@@ -635,7 +635,7 @@ class _JobRun:
             targets = self._targets(image_id, outcome)
             for method_index, method in enumerate(self.spec.methods):
                 self._run_item(self.job.item(image_index, method_index), image_id, method,
-                               targets, view, batch)
+                               targets, view, batch, probabilities)
 
     def _raise_cancelled(self) -> None:
         raise Cancelled(_cancel_reason_text(self.executor.stopping))
@@ -649,7 +649,7 @@ class _JobRun:
 
     # prediction: top-k and the model view, cached like any result
 
-    def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, Any, Any]:
+    def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, Any, Any, Any]:
         import numpy as np
 
         store = self.executor.results
@@ -686,7 +686,7 @@ class _JobRun:
         with self.job.lock:
             self.job.images[image_index] = outcome
         self.executor.jobs.save(self.job)
-        return outcome, view, batch
+        return outcome, view, batch, probabilities
 
     def _class_name(self, index: int) -> str:
         entry = self.executor.catalog.get(self.spec.model_id)
@@ -708,7 +708,7 @@ class _JobRun:
     # one image x one method
 
     def _run_item(self, item: JobItem, image_id: str, method: MethodRequest,
-                  targets: Sequence[int], view: Any, batch: Any) -> None:
+                  targets: Sequence[int], view: Any, batch: Any, probabilities: Any) -> None:
         if self.job.cancel_event.is_set():
             self._raise_cancelled()
         with self.job.lock:
@@ -722,7 +722,8 @@ class _JobRun:
                 stored = self.executor.results.get(key)
                 if stored is None:
                     progress = self._progress_callback(item, number, len(targets))
-                    stored = self._compute(key, image_id, method, target, view, batch, progress)
+                    stored = self._compute(key, image_id, method, target, view, batch,
+                                           probabilities, progress)
                     self._count(model_runs=1)
                 else:
                     self.executor.results.touch(key)
@@ -773,7 +774,7 @@ class _JobRun:
         self.executor.jobs.save(self.job)
 
     def _compute(self, key: str, image_id: str, method: MethodRequest, target: int, view: Any,
-                 batch: Any, progress: Callable[[float], None]):
+                 batch: Any, probabilities: Any, progress: Callable[[float], None]):
         from visualizations.base import RunContext
 
         model = self.model()
@@ -783,7 +784,8 @@ class _JobRun:
         params = visualization.parse_params(method.params, model.meta)
         context = RunContext(progress=progress, cancel_event=self.job.cancel_event,
                              batch_size=self.executor.settings.batch_size)
-        result = visualization.run(model, batch, [target], params, context)
+        result = visualization.run(model, batch, [target], params, context,
+                                   probabilities=probabilities)
         files: dict[str, bytes] = {}
         panels = []
         for number, panel in enumerate(result.panels):

@@ -228,7 +228,8 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
 
     view = model.model_view(image)
     batch = model.to_tensor([view])
-    predictions = model.top_k(model.predict(batch)[0], TOP_K)
+    probabilities = model.predict(batch)[0]
+    predictions = model.top_k(probabilities, TOP_K)
     folder = out_dir / slug
     folder.mkdir(parents=True, exist_ok=True)
     view_png = encode_png(view.convert("RGB"))
@@ -241,7 +242,8 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     for request in requests:
         method = request.method
         started = time.perf_counter()
-        result = method.run(model, batch, targets, request.params)
+        result = method.run(model, batch, targets, request.params,
+                            probabilities=probabilities.cpu().numpy())
         log.info("%s on %s: %.0f ms", method.name, path.name,
                  (time.perf_counter() - started) * 1000)
         panels, page_panels = [], []

@@ -324,8 +324,12 @@ class Visualization(ABC):
         """Compute panels for one (1, C, H, W) preprocessed image and one target class."""
 
     def run(self, model: "LoadedModel", batch: "torch.Tensor", targets: Sequence[int | str] | None,
-            params: Any, context: RunContext | None = None) -> VisualizationResult:
-        """Validate, hold the model lock, compute each target, check results, clean up hooks."""
+            params: Any, context: RunContext | None = None, *,
+            probabilities: np.ndarray | None = None) -> VisualizationResult:
+        """Validate, hold the model lock, compute each target, check results, clean up hooks.
+
+        ``probabilities`` (the model's class probabilities for ``batch``) saves a forward pass
+        when the caller has already predicted, as the job executor and the CLI report have."""
         from app.errors import MethodUnsupported
         from visualizations.batching import is_out_of_memory
 
@@ -341,7 +345,8 @@ class Visualization(ABC):
             started = time.perf_counter()  # the method's own time, not the wait for the lock
             hooks_before = _hook_ids(model.module)
             try:
-                probabilities = model.predict(batch)[0].cpu().numpy()
+                if probabilities is None:
+                    probabilities = model.predict(batch)[0].cpu().numpy()
                 indices = resolve_targets(model.meta, probabilities, targets)
                 panels: list[Panel] = []
                 for number, index in enumerate(indices):

@@ -417,3 +417,17 @@ def test_job_owner_liveness_without_proc(monkeypatch) -> None:
                               capture_output=True, text=True, check=True)
     assert not jobs._owner_alive(f"{int(finished.stdout)}:?")
     assert not jobs._owner_alive("not-a-pid:?")
+
+
+def test_a_job_predicts_each_image_once(client, image_id, monkeypatch) -> None:
+    """The executor hands its prediction to every method instead of each predicting again."""
+    from model_adapters.base import LoadedModel
+
+    calls = []
+    original_predict = LoadedModel.predict
+    monkeypatch.setattr(LoadedModel, "predict",
+                        lambda self, batch: calls.append(1) or original_predict(self, batch))
+    job = run_job(client, [image_id], [{"name": "saliency", "params": {}},
+                                       {"name": "grad_cam", "params": {}}])
+    assert job["status"] == "done"
+    assert len(calls) == 1
