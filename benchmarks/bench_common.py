@@ -43,6 +43,21 @@ def build_model(architecture: str, device: str, size: int = 224):
                                     class_names=None, device=device)
 
 
+def prepared_model_and_target(args: argparse.Namespace):
+    """The benchmark's model (channels-last, as the methods leave it), one random image, and
+    its predicted class as a ``TargetInfo``: the setup every method benchmark shares."""
+    from visualizations.base import TargetInfo
+    from visualizations.common import prepare_model
+
+    model = build_model(args.model, args.device)
+    inputs = image(args.device)
+    prepare_model(model)
+    probabilities = model.predict(inputs)[0]
+    index = int(probabilities.argmax())
+    target = TargetInfo(index, model.meta.class_names[index], float(probabilities[index]))
+    return model, inputs, target
+
+
 def fresh_module(architecture: str, device: str) -> torch.nn.Module:
     """The same architecture as a user would hold it: contiguous NCHW weights, eval mode."""
     import torchvision

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from bench_common import best_time, build_model, image, parse_args, print_header, print_row
+from bench_common import best_time, parse_args, prepared_model_and_target, print_header, print_row
 
 IG_STEPS, SMOOTHGRAD_SAMPLES = 32, 16
 
@@ -31,15 +31,10 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     print_header("gradient method speed", args)
     from visualizations import visualization_registry
-    from visualizations.base import RunContext, TargetInfo
-    from visualizations.common import prepare_model
+    from visualizations.base import RunContext
 
-    model = build_model(args.model, args.device)
-    inputs = image(args.device)
-    prepare_model(model)
-    probabilities = model.predict(inputs)[0]
-    index = int(probabilities.argmax())
-    target = TargetInfo(index, model.meta.class_names[index], float(probabilities[index]))
+    model, inputs, target = prepared_model_and_target(args)
+    index = target.index
     repeats = args.repeats + 2
 
     def method(name: str, raw: dict) -> tuple:

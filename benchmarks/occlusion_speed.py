@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from bench_common import (best_time, build_model, fresh_module, image, parse_args, print_header,
-                          print_row, synchronize)
+from bench_common import (best_time, fresh_module, parse_args, prepared_model_and_target,
+                          print_header, print_row, synchronize)
 
 WINDOW, STRIDE = 16, 8
 
@@ -50,12 +50,10 @@ def main() -> None:
     from captum.attr import Occlusion
 
     from visualizations import visualization_registry
-    from visualizations.base import RunContext, TargetInfo
-    from visualizations.common import prepare_model
+    from visualizations.base import RunContext
 
-    model = build_model(args.model, args.device)
-    inputs = image(args.device)
-    prepare_model(model)
+    model, inputs, target = prepared_model_and_target(args)
+    index = target.index
     occlusion = visualization_registry.get("occlusion")
     params = occlusion.resolve(occlusion.parse_params({"window": WINDOW, "stride": STRIDE},
                                                       model.meta), model.meta)
@@ -63,9 +61,6 @@ def main() -> None:
     partial = visualization_registry.get("partial_occlusion")
     partial_params = partial.parse_params({"positions": 27, "window_fraction": WINDOW / 224,
                                            "top_k": 3}, model.meta)
-    probabilities = model.predict(inputs)[0]
-    index = int(probabilities.argmax())
-    target = TargetInfo(index, model.meta.class_names[index], float(probabilities[index]))
     print(f"# windows={windows} (window {WINDOW}, stride {STRIDE})")
 
     def ours() -> None:
