@@ -52,13 +52,13 @@ def nearest_cell(length: int, starts: list[int], window: int) -> np.ndarray:
     return np.abs(pixels[:, None] - centres[None, :]).argmin(axis=1)
 
 
-def grid_picture(view: np.ndarray, occluded_view: np.ndarray, row_cell: np.ndarray,
+def grid_picture(occluded_view: np.ndarray, row_cell: np.ndarray,
                  column_cell: np.ndarray) -> np.ndarray:
     """The occluded example with thin light lines on the cell borders: uint8 (H, W, 3)."""
     picture = occluded_view.astype(np.float32)
     row_border = np.flatnonzero(np.diff(row_cell)) + 1
     column_border = np.flatnonzero(np.diff(column_cell)) + 1
-    line = np.zeros(view.shape[:2], dtype=bool)
+    line = np.zeros(picture.shape[:2], dtype=bool)
     line[row_border, :] = True
     line[:, column_border] = True
     picture[line] = 0.5 * picture[line] + 0.5 * 255.0
@@ -92,7 +92,9 @@ class PartialOcclusionMap(Visualization):
         # The classes: the target first, then the most probable others.
         with_probabilities = occluded_probabilities(
             model, inputs, fill, [None], (window_h, window_w),
-            list(range(model.meta.num_classes)), _Silent(context))[0]
+            list(range(model.meta.num_classes)),
+            # Cancellation but no progress: this single pass is not part of the grid's share.
+            RunContext(cancel_event=context.cancel_event, batch_size=context.batch_size))[0]
         ranked = [int(i) for i in np.argsort(-with_probabilities, kind="stable")]
         classes = [target.index] + [i for i in ranked if i != target.index]
         classes = classes[:min(params.top_k, model.meta.num_classes)]
@@ -117,16 +119,7 @@ class PartialOcclusionMap(Visualization):
         top, left = example
         occluded[0, :, top:top + window_h, left:left + window_w] = \
             fill[0, :, top:top + window_h, left:left + window_w]
-        picture = grid_picture(model_view_rgb(model.meta, inputs),
-                               model_view_rgb(model.meta, occluded), row_cell, column_cell)
+        picture = grid_picture(model_view_rgb(model.meta, occluded), row_cell, column_cell)
         panels.append(Panel(f"The {len(rows)}x{len(columns)} grid, one cell hidden", picture,
                             kind="image"))
         return Attribution(tuple(panels))
-
-
-class _Silent(RunContext):
-    """Cancellation without progress, for the single reference forward pass."""
-
-    def __init__(self, parent: RunContext) -> None:
-        super().__init__(progress=None, cancel_event=parent.cancel_event,
-                         batch_size=parent.batch_size)
