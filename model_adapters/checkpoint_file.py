@@ -131,11 +131,6 @@ def _inspect_zip(path: Path) -> FileKind:
     return FileKind.WEIGHTS_ZIP
 
 
-def needs_trust(path: Path) -> bool:
-    """True when loading ``path`` would execute code (decided statically)."""
-    return inspect_file(path) in CODE_KINDS
-
-
 def refuse_untrusted(path: Path, kind: FileKind) -> CheckpointNeedsTrust:
     return CheckpointNeedsTrust(
         f"The checkpoint {path.name!r} is a {kind.value}; loading it would execute code, so it "
