@@ -206,9 +206,11 @@ def parse_method_requests(names: Sequence[str], options: Sequence[str],
 
 def parse_targets(targets: Sequence[str] | None, model: "LoadedModel") -> list[int | str]:
     """``predicted`` stays symbolic (it differs per image); indices and labels are checked."""
+    from visualizations.base import is_predicted
+
     parsed: list[int | str] = []
     for target in targets or ["predicted"]:
-        if target.strip().lower() in ("predicted", "prediction", "top1"):
+        if is_predicted(target):
             parsed.append("predicted")
         else:
             parsed.append(model.meta.class_index(target))

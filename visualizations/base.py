@@ -258,12 +258,17 @@ class RunContext:
             raise Cancelled("The visualization was cancelled.")
 
 
+def is_predicted(spec: int | str) -> bool:
+    """Whether a target spec means "the model's top class" rather than an index or label."""
+    return isinstance(spec, str) and spec.strip().lower() in ("predicted", "prediction", "top1")
+
+
 def resolve_targets(meta: "ModelMeta", probabilities: np.ndarray,
                     targets: Sequence[int | str] | None) -> list[int]:
     """Class indices for ``"predicted"`` / index / label specs, in order, without repeats."""
     indices: list[int] = []
     for spec in targets or ["predicted"]:
-        if isinstance(spec, str) and spec.strip().lower() in ("predicted", "prediction", "top1"):
+        if is_predicted(spec):
             index = int(np.argmax(probabilities))
         else:
             index = meta.class_index(spec)
