@@ -81,13 +81,13 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     # Cheap checks first: method names and --param syntax, the device, the images.
     for name in args.methods:
         visualization_registry.get(name)
-    parse_param_options(args.params, args.methods)
+    raw_params = parse_param_options(args.params, args.methods)
     configure_threads()
     device = resolve_device(args.device)
     images = [(path, read_image(path)) for path in image_paths]
     out_dir = prepare_out_dir(Path(args.out))
     model = open_model(directory, args.checkpoint, device, args.trust_code)
-    requests = parse_method_requests(args.methods, args.params, model)
+    requests = parse_method_requests(raw_params, model)
     targets = parse_targets(args.targets, model)
 
     results: dict[str, Any] = {"model": model_record(model), "images": []}
@@ -181,18 +181,16 @@ def parse_param_options(options: Sequence[str], methods: Sequence[str]) -> dict[
     return raw
 
 
-def parse_method_requests(names: Sequence[str], options: Sequence[str],
+def parse_method_requests(raw: dict[str, dict[str, str]],
                           model: "LoadedModel") -> list[MethodRequest]:
-    """Validated methods and parameters (E_UNKNOWN_VISUALIZATION, E_BAD_PARAMETER,
-    E_METHOD_UNSUPPORTED) -- all before the first model evaluation."""
+    """Validated methods and parameters from ``parse_param_options``' result, one per method
+    in order (E_UNKNOWN_VISUALIZATION, E_BAD_PARAMETER, E_METHOD_UNSUPPORTED) -- all before
+    the first model evaluation."""
     from app.errors import MethodUnsupported
     from visualizations import visualization_registry
 
-    unique = list(dict.fromkeys(names))
-    methods = [visualization_registry.get(name) for name in unique]
-    raw = parse_param_options(options, unique)
     requests = []
-    for method in methods:
+    for method in map(visualization_registry.get, raw):
         reason = method.supports(model.meta)
         if reason:
             raise MethodUnsupported(f"{method.name}: {reason}")
@@ -232,6 +230,7 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     batch = model.to_tensor([view])
     probabilities = model.predict(batch)[0]
     predictions = model.top_k(probabilities, TOP_K)
+    given_probabilities = probabilities.cpu().numpy()  # one prediction serves every method
     folder = out_dir / slug
     folder.mkdir(parents=True, exist_ok=True)
     view_png = encode_png(view.convert("RGB"))
@@ -245,7 +244,7 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
         method = request.method
         started = time.perf_counter()
         result = method.run(model, batch, targets, request.params,
-                            probabilities=probabilities.cpu().numpy())
+                            probabilities=given_probabilities)
         log.info("%s on %s: %.0f ms", method.name, path.name,
                  (time.perf_counter() - started) * 1000)
         panels, page_panels = [], []
