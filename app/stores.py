@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from app.errors import NotFound, ResultExpired, StorageFull
 
@@ -233,6 +233,51 @@ def _touch(path: Path) -> None:
         pass        # evicted meanwhile: nothing to keep alive
 
 
+class _IndexedStore:
+    """What both stores share: a directory of entries found through a ``_DirectoryIndex``,
+    tombstones for evicted ids, and last use (mtime) / size for ``app.retention``."""
+
+    def __init__(self, root: Path, suffix: str, is_dir: bool) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index = _DirectoryIndex(self.root, suffix, is_dir=is_dir)
+        self.tombstones = Tombstones(self.root)
+        self.bytes_written = 0          # by this process; app.retention watches it
+
+    def _size(self, path: Path) -> int:
+        """Bytes on disk of the entry at ``path`` (OSError when it is gone)."""
+        raise NotImplementedError
+
+    def _remove(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def touch(self, entry_id: str) -> None:
+        """Mark an entry as in use (a job needs or reused it), so eviction takes it last."""
+        path = self._index.lookup(entry_id)
+        if path is not None:
+            _touch(path)
+
+    def entries(self) -> list[StoredEntry]:
+        """Every stored entry with its last use (its mtime) and its size."""
+        self._index.refresh()
+        found = []
+        for entry_id in self._index.ids():
+            path = self.root / f"{entry_id}{self._index.suffix}"
+            try:
+                found.append(StoredEntry(entry_id, path.stat().st_mtime, self._size(path)))
+            except OSError:
+                continue        # evicted meanwhile
+        return found
+
+    def delete(self, entry_id: str) -> None:
+        """Remove an entry, leaving a tombstone so its URLs say it expired."""
+        path = self._index.lookup(entry_id)
+        self._index.discard(entry_id)
+        if path is not None:
+            self.tombstones.add(entry_id)
+            self._remove(path)
+
+
 # --- images ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -247,16 +292,12 @@ class ImageRecord:
                 "height": self.height}
 
 
-class ImageStore:
+class ImageStore(_IndexedStore):
     """Normalized uploads by content hash. The PNG bytes come from ``app.ingest``; this class
-    only stores and finds them."""
+    only stores and finds them. Last use is the PNG's mtime; size is PNG + JSON."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._index = _DirectoryIndex(self.root, ".png", is_dir=False)
-        self.tombstones = Tombstones(self.root)
-        self.bytes_written = 0          # by this process; app.retention watches it
+        super().__init__(root, ".png", is_dir=False)
 
     def put(self, ingested: "IngestedImage") -> ImageRecord:
         record = ImageRecord(ingested.sha256, ingested.filename, ingested.width, ingested.height)
@@ -305,36 +346,14 @@ class ImageStore:
             raise self._missing(image_id)
         return path
 
-    def touch(self, image_id: str) -> None:
-        """Mark an image as in use (a job needs it), so eviction takes it last."""
-        path = self._index.lookup(image_id)
-        if path is not None:
-            _touch(path)
+    def _size(self, path: Path) -> int:
+        try:
+            sidecar = path.with_suffix(".json").stat().st_size
+        except OSError:
+            sidecar = 0
+        return path.stat().st_size + sidecar
 
-    def entries(self) -> list[StoredEntry]:
-        """Every stored image with its last use (the PNG's mtime) and size (PNG + JSON)."""
-        self._index.refresh()
-        found = []
-        for image_id in self._index.ids():
-            path = self.root / f"{image_id}.png"
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            try:
-                sidecar = path.with_suffix(".json").stat().st_size
-            except OSError:
-                sidecar = 0
-            found.append(StoredEntry(image_id, stat.st_mtime, stat.st_size + sidecar))
-        return found
-
-    def delete(self, image_id: str) -> None:
-        """Remove an image, leaving a tombstone so its URL says it expired."""
-        path = self._index.lookup(image_id)
-        self._index.discard(image_id)
-        if path is None:
-            return
-        self.tombstones.add(image_id)
+    def _remove(self, path: Path) -> None:
         for doomed in (path, path.with_suffix(".json")):
             doomed.unlink(missing_ok=True)
 
@@ -375,21 +394,18 @@ _MIMETYPES = {".png": "image/png", ".npy": "application/octet-stream",
               ".json": "application/json"}
 
 
-class ResultStore:
+class ResultStore(_IndexedStore):
     """Finished results, one directory per key, written whole or not at all.
 
     A result's last use is its directory's mtime (written, or reused by a job: ``touch``);
-    ``app.retention`` evicts with ``entries()`` and ``delete(key)``.
+    its size is the sum of its files. ``app.retention`` evicts with ``entries()`` and
+    ``delete(key)``.
     """
 
     RECORD = "result.json"
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._index = _DirectoryIndex(self.root, "", is_dir=True)
-        self.tombstones = Tombstones(self.root)
-        self.bytes_written = 0          # by this process; app.retention watches it
+        super().__init__(root, "", is_dir=True)
 
     def get(self, key: str) -> StoredResult | None:
         directory = self._index.lookup(key)
@@ -454,35 +470,9 @@ class ResultStore:
         suffix = os.path.splitext(name)[1]
         return Path(listed[name].path), _MIMETYPES.get(suffix, "application/octet-stream")
 
-    def touch(self, key: str) -> None:
-        """Mark a result as reused, so eviction takes it last."""
-        directory = self._index.lookup(key)
-        if directory is not None:
-            _touch(directory)
+    def _size(self, path: Path) -> int:
+        with os.scandir(path) as files:
+            return sum(entry.stat(follow_symlinks=False).st_size for entry in files)
 
-    def entries(self) -> list[StoredEntry]:
-        """Every stored result with its last use (directory mtime) and size (its files)."""
-        self._index.refresh()
-        found = []
-        for key in self._index.ids():
-            directory = self.root / key
-            try:
-                last_used = directory.stat().st_mtime
-                with os.scandir(directory) as files:
-                    size = sum(entry.stat(follow_symlinks=False).st_size for entry in files)
-            except OSError:
-                continue        # evicted meanwhile
-            found.append(StoredEntry(key, last_used, size))
-        return found
-
-    def keys(self) -> Iterable[str]:
-        self._index.refresh()
-        return self._index.ids()
-
-    def delete(self, key: str) -> None:
-        """Remove a result, leaving a tombstone so its URLs say it expired."""
-        directory = self._index.lookup(key)
-        self._index.discard(key)
-        if directory is not None:
-            self.tombstones.add(key)
-            shutil.rmtree(directory, ignore_errors=True)
+    def _remove(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
