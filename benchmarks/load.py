@@ -166,7 +166,6 @@ class Tally:
     bad: list[str] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     outcomes: collections.Counter = field(default_factory=collections.Counter)
-    busy_without_retry_after: int = 0
     job_seconds: list[float] = field(default_factory=list)
 
     def record(self, what: str, response: requests.Response) -> None:
@@ -176,7 +175,6 @@ class Tally:
                 code = _error_code(response)
                 if response.status_code == 503 and code == "E_BUSY":
                     if not response.headers.get("Retry-After"):
-                        self.busy_without_retry_after += 1
                         self.bad.append(f"{what}: 503 E_BUSY without Retry-After")
                 else:
                     self.bad.append(f"{what}: {response.status_code} {code} "
