@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.errors import CheckpointUnrecognized
 from model_adapters.base import LoadedModel, ModelAdapter
 from model_adapters.checkpoint_file import (find_state_dict, inspect_file, read_trusted,
                                             refuse_untrusted, CODE_KINDS)
@@ -54,8 +53,6 @@ def wrap_trusted_module(module: nn.Module, path: Path, config: CheckpointConfig,
                         device: torch.device) -> LoadedModel:
     """A whole module from a trusted file: its class name is the architecture; preprocessing
     comes from ``[preprocess]`` or the ImageNet defaults."""
-    if not isinstance(module, nn.Module):
-        raise CheckpointUnrecognized(f"The checkpoint {path.name!r} does not hold a model.")
     architecture = getattr(module, "original_name", None) or type(module).__name__
     return finish_checkpoint_model(module, architecture=str(architecture), config=config,
                                    defaults=GENERIC_PREPROCESS, path=path, device=device,
