@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from app.errors import (BadParameter, Cancelled, DeviceOOM, ModelOutputInvalid, UnknownClass,
-                        UnknownVisualization)
+from app.errors import (BadParameter, Cancelled, DeviceOOM, MethodUnsupported, ModelOutputInvalid,
+                        UnknownClass, UnknownVisualization)
 from app.registry import Registry
 
 if TYPE_CHECKING:
@@ -335,7 +335,6 @@ class Visualization(ABC):
 
         ``probabilities`` (the model's class probabilities for ``batch``) saves a forward pass
         when the caller has already predicted, as the job executor and the CLI report have."""
-        from app.errors import MethodUnsupported
         from visualizations.batching import is_out_of_memory
 
         context = context or RunContext()
