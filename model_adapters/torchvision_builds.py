@@ -178,16 +178,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GENERIC_PREPROCESS = DefaultPreprocess((224, 224), 256, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def default_preprocess(architecture: str, module: nn.Module | None = None) -> DefaultPreprocess:
+def default_preprocess(architecture: str, module: nn.Module) -> DefaultPreprocess:
     """Resize/crop/mean/std from torchvision's weights metadata (offline: no download).
 
     The DEFAULT weights' recipe is used, unless the model has a fixed input size (ViT's
     ``image_size``, 224 when built without weights) that DEFAULT does not match -- vit_h_14's
     DEFAULT is the 518 px SWAG recipe -- then the first recipe with that crop size is used.
-    ``module`` is the built model (built on ``meta`` here when not given).
+    ``module`` is the built model (its ``image_size`` is the fixed input size).
     """
-    if module is None:
-        module = build(architecture)
     return _default_preprocess(architecture, getattr(module, "image_size", None))
 
 
