@@ -302,7 +302,9 @@ class ImageStore(_IndexedStore):
     def put(self, ingested: "IngestedImage") -> ImageRecord:
         record = ImageRecord(ingested.sha256, ingested.filename, ingested.width, ingested.height)
         png_path = self.root / f"{record.id}.png"
-        if self._index.lookup(record.id) is None:
+        # The id is our own hash of the bytes, not one from a URL: a stat of our own path says
+        # whether it is stored, where a lookup would list the whole directory on every new image.
+        if not png_path.is_file():
             atomic_write_bytes(png_path, ingested.png_bytes)
             self.bytes_written += len(ingested.png_bytes)
             self.tombstones.discard(record.id)
@@ -407,7 +409,8 @@ class ResultStore(_IndexedStore):
     def __init__(self, root: Path) -> None:
         super().__init__(root, "", is_dir=True)
 
-    def get(self, key: str) -> StoredResult | None:
+    def _read(self, key: str) -> tuple[Path, StoredResult] | None:
+        """(directory, stored result) of ``key``; None when unknown, evicted or unreadable."""
         directory = self._index.lookup(key)
         if directory is None:
             return None
@@ -416,7 +419,11 @@ class ResultStore(_IndexedStore):
         except (OSError, ValueError):
             log.warning("result %s is unreadable; ignoring it", key[:12])
             return None
-        return StoredResult(key, record)
+        return directory, StoredResult(key, record)
+
+    def get(self, key: str) -> StoredResult | None:
+        found = self._read(key)
+        return found[1] if found is not None else None
 
     def put(self, key: str, record: Mapping[str, Any], files: Mapping[str, bytes]) -> StoredResult:
         """Store ``files`` and ``record`` (which gets ``files`` and ``key`` added) under ``key``.
@@ -452,23 +459,23 @@ class ResultStore(_IndexedStore):
     def file(self, key: str, name: str) -> tuple[Path, str]:
         """(path, mimetype) of one file of a result; only names listed in its record exist.
         An evicted result raises ResultExpired (410), an unknown one NotFound."""
-        stored = self.get(key)
-        if stored is None:
+        found = self._read(key)
+        if found is None:
             if self.expired(key):
                 raise ResultExpired("This result has expired and was removed; run the job "
                                     "again to compute it anew.")
             raise NotFound("This result file does not exist.")
-        if name not in stored.files and name != self.RECORD:
+        directory, stored = found
+        # Only names the record lists, which put() checked against _RESULT_FILE: checked again
+        # here, so a name from a URL joins the result's directory only as a plain file name.
+        if ((name not in stored.files and name != self.RECORD)
+                or not _RESULT_FILE.fullmatch(name)):
             raise NotFound("This result file does not exist.")
-        directory = self._index.lookup(key)
-        try:
-            listed = {entry.name: entry for entry in os.scandir(directory)} if directory else {}
-        except OSError:
-            listed = {}
-        if name not in listed:
+        path = directory / name
+        if not path.is_file():
             raise NotFound("This result file does not exist.")
         suffix = os.path.splitext(name)[1]
-        return Path(listed[name].path), _MIMETYPES.get(suffix, "application/octet-stream")
+        return path, _MIMETYPES.get(suffix, "application/octet-stream")
 
     def _size(self, path: Path) -> int:
         with os.scandir(path) as files:
