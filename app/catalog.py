@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import torch
@@ -200,8 +201,10 @@ class ModelCatalog:
                 results[state.name] = previous
         self._first_seen = {name: seen for name, seen in self._first_seen.items() if name in names}
         if not files and self._config_error is not None:
-            results[CONFIG_FILE_NAME] = _Loaded(("config",), "", None, self._config_error)
-        self._publish(results, {state.name: state for state in files})
+            # Listed with size 0 and mtime 0, like a file: (name, size, mtime_ns).
+            results[CONFIG_FILE_NAME] = _Loaded((CONFIG_FILE_NAME, 0, 0), "", None,
+                                                self._config_error)
+        self._publish(results)
 
     def _settled(self, state: _FileState, now_wall: float, now_mono: float) -> bool:
         if now_wall - state.mtime_ns / 1e9 >= self.settle_seconds:
@@ -248,22 +251,21 @@ class ModelCatalog:
         retry_at = time.monotonic() + self.retry_seconds if isinstance(error, DeviceOOM) else None
         return _Loaded(key, sha256, meta, error, retry_at)
 
-    def _publish(self, results: dict[str, _Loaded], files: dict[str, _FileState]) -> None:
+    def _publish(self, results: dict[str, _Loaded]) -> None:
         entries = []
         entry_keys = {}
         for name, outcome in results.items():
-            state = files.get(name)
-            modified = outcome.key[2] / 1e9 if len(outcome.key) > 2 else 0.0
+            _, size, mtime_ns = outcome.key[:3]
             entry_id = hashlib.sha256(f"{name}\0{outcome.sha256}".encode()).hexdigest()[:12]
             entries.append(CatalogEntry(
                 id=entry_id, file=name, ok=outcome.meta is not None, latest=False,
-                modified=modified, size=outcome.key[1] if state is not None else 0,
+                modified=mtime_ns / 1e9, size=size,
                 sha256=outcome.sha256, meta=outcome.meta, error=outcome.error))
             entry_keys[entry_id] = outcome.key
         entries.sort(key=lambda entry: (entry.modified, entry.file), reverse=True)
         for index, entry in enumerate(entries):
             if entry.ok:  # newest loadable one
-                entries[index] = _replace_latest(entry)
+                entries[index] = dataclasses.replace(entry, latest=True)
                 break
         with self._state_lock:
             live_keys = set(entry_keys.values())
@@ -328,7 +330,7 @@ class ModelCatalog:
             stat = path.stat()
         except OSError:
             return None
-        if not path.is_file():
+        if not S_ISREG(stat.st_mode):
             return None
         return _FileState(path, name, stat.st_size, stat.st_mtime_ns)
 
@@ -337,11 +339,9 @@ class ModelCatalog:
 
     @staticmethod
     def _stat_key(path: Path, name: str) -> tuple[Any, ...] | None:
-        try:
-            stat = path.stat()
-        except OSError:
-            return None
-        return (name, stat.st_size, stat.st_mtime_ns)
+        """``(name, size, mtime_ns)``: the first three fields of a load key."""
+        stamp = _stamp(path)
+        return None if stamp is None else (name, *stamp)
 
     def _path_of(self, name: str) -> Path | None:
         if self._config is not None and self._config.model.weights is not None:
@@ -359,10 +359,6 @@ class ModelCatalog:
 
 def _with_file_facts(meta: ModelMeta, name: str, sha256: str, modified: float) -> ModelMeta:
     return dataclasses.replace(meta, checkpoint_file=name, sha256=sha256, mtime=modified)
-
-
-def _replace_latest(entry: CatalogEntry) -> CatalogEntry:
-    return dataclasses.replace(entry, latest=True)
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
