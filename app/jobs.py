@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from app.errors import (Busy, Cancelled, ConvscopeError, Internal, NotFound, ResultExpired,
                         UnknownModel)
-from app.stores import (ImageStore, ResultStore, Tombstones, atomic_write_bytes,
-                        atomic_write_json, canonical_json, result_key)
+from app.stores import (DirectoryIndex, ImageStore, ResultStore, Tombstones,
+                        atomic_write_bytes, atomic_write_json, canonical_json, result_key)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -252,6 +252,8 @@ class JobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.tombstones = Tombstones(self.root, _JOB_ID)
+        # Records of jobs that are not live here (finished, or run by another server process).
+        self._records = DirectoryIndex(self.root, ".json", is_dir=False, id_pattern=_JOB_ID)
         self._live: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._save_lock = threading.Lock()    # snapshot + write in order, newest last
@@ -264,6 +266,7 @@ class JobStore:
         with self._lock:
             self._live[job.id] = job
         self.save(job)
+        self._records.add(job.id, self.root / f"{job.id}.json")
 
     def save(self, job: Job) -> None:
         with self._save_lock:
@@ -272,6 +275,7 @@ class JobStore:
     def discard(self, job: Job) -> None:
         """Undo ``add`` for a job that was never accepted."""
         self.forget(job)
+        self._records.discard(job.id)
         (self.root / f"{job.id}.json").unlink(missing_ok=True)
 
     def live(self, job_id: str) -> Job | None:
@@ -326,9 +330,7 @@ class JobStore:
             return job
         if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
             raise NotFound("There is no job with this id.")
-        with os.scandir(self.root) as entries:
-            path = next((Path(e.path) for e in entries if e.name == f"{job_id}.json"
-                         and e.is_file(follow_symlinks=False)), None)
+        path = self._records.lookup(job_id)
         if path is None:
             if job_id in self.tombstones:
                 raise ResultExpired("This job has expired and was removed; submit it again.")

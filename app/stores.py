@@ -51,10 +51,6 @@ _RESULT_FILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 STORE_FORMAT = 1
 
 
-def is_hex_id(value: str) -> bool:
-    return isinstance(value, str) and _HEX_ID.fullmatch(value) is not None
-
-
 def _storage_error(error: OSError) -> Exception:
     import errno
 
@@ -79,15 +75,17 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
 
 
-class _DirectoryIndex:
+class DirectoryIndex:
     """id -> path for the entries of one directory, refreshed by listing it on a miss.
 
     Listing (rather than ``root / user_id``) is what makes lookups safe; refreshing on a miss
     lets several server processes share one data directory.
     """
 
-    def __init__(self, root: Path, suffix: str, is_dir: bool) -> None:
+    def __init__(self, root: Path, suffix: str, is_dir: bool,
+                 id_pattern: "re.Pattern[str]" = _HEX_ID) -> None:
         self.root, self.suffix, self.is_dir = root, suffix, is_dir
+        self._pattern = id_pattern
         self._paths: dict[str, Path] = {}
         self._lock = threading.Lock()
         self.refresh()
@@ -113,7 +111,7 @@ class _DirectoryIndex:
             self._paths.pop(entry_id, None)
 
     def lookup(self, entry_id: str) -> Path | None:
-        if not is_hex_id(entry_id):
+        if not isinstance(entry_id, str) or not self._pattern.fullmatch(entry_id):
             return None
         with self._lock:
             path = self._paths.get(entry_id)
@@ -234,13 +232,13 @@ def _touch(path: Path) -> None:
 
 
 class _IndexedStore:
-    """What both stores share: a directory of entries found through a ``_DirectoryIndex``,
+    """What both stores share: a directory of entries found through a ``DirectoryIndex``,
     tombstones for evicted ids, and last use (mtime) / size for ``app.retention``."""
 
     def __init__(self, root: Path, suffix: str, is_dir: bool) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._index = _DirectoryIndex(self.root, suffix, is_dir=is_dir)
+        self._index = DirectoryIndex(self.root, suffix, is_dir=is_dir)
         self.tombstones = Tombstones(self.root)
         self.bytes_written = 0          # by this process; app.retention watches it
 
