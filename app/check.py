@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from app.catalog import CatalogEntry, ModelCatalog, demo_directory
 from app.devices import configure_threads, resolve_device
 from app.errors import ConvscopeError
+from model_adapters.checkpoint_file import CHECKPOINT_SUFFIXES
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -31,7 +32,7 @@ def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except ConvscopeError as error:
         return _fail(out, as_json, directory, error.code, error.message)
     catalog = ModelCatalog(directory, device, trust_code=args.trust_code, settle_seconds=0.0)
-    catalog.refresh()
+    # A fresh catalog scans (loading every checkpoint) on its first entries() call.
     entries = sorted(catalog.entries(), key=lambda entry: entry.file)
     rows = [checkpoint_record(entry) for entry in entries]
     if as_json:
@@ -61,7 +62,7 @@ def checkpoint_record(entry: CatalogEntry) -> dict[str, Any]:
 def _print_table(out: TextIO, directory: Path, rows: list[dict[str, Any]]) -> None:
     out.write(f"Checkpoints in {directory}\n")
     if not rows:
-        out.write("No checkpoint files found (.pt .pth .ckpt .bin .safetensors .pt2).\n")
+        out.write(f"No checkpoint files found ({' '.join(CHECKPOINT_SUFFIXES)}).\n")
         return
     header = ("FILE", "STATUS", "ARCHITECTURE", "CLASSES", "INPUT", "CAM LAYER", "PARAMS")
     table = [header]
