@@ -13,12 +13,12 @@ from app.http_errors import coded_error
 from app.views import scanned_catalog
 from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail, model_summary
-from app.views.security import FILE_CONTENT_SECURITY_POLICY
 from app.views.uploads import UPLOAD_FIELD, store_uploads
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
-# Content-addressed files never change; a day of browser caching is safe.
+# Content-addressed files never change; a day of browser caching is safe. (Their sandboxing
+# Content-Security-Policy and nosniff come from app.views.security, as for every file.)
 _IMMUTABLE = "private, max-age=86400, immutable"
 
 
@@ -97,7 +97,6 @@ def image(image_id: str) -> Response:
     response = _send_stored_file(path, mimetype="image/png",
                                  download_name=f"{image_id[:16]}.png")
     response.headers["Cache-Control"] = _IMMUTABLE
-    response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
     return response
 
 
@@ -141,6 +140,5 @@ def result_file(key: str, name: str) -> Response:
     response = _send_stored_file(path, mimetype=mimetype, as_attachment=as_attachment,
                                  download_name=f"{key[:12]}-{name}")
     response.headers["Cache-Control"] = _IMMUTABLE
-    response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
     return response
 

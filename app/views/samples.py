@@ -20,7 +20,6 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, send_file, url_for
 
 from app.errors import NotFound
-from app.views.security import FILE_CONTENT_SECURITY_POLICY
 
 EXTENSION = "convscope_samples"
 # Suffix -> content type. Only these are served; anything else in the folder is ignored.
@@ -102,9 +101,8 @@ def sample(name: str) -> Response:
                              max_age=86400, download_name=found.name)
     except FileNotFoundError:
         raise NotFound("This sample image is no longer available.") from None
+    # The sandboxing Content-Security-Policy and nosniff come from app.views.security.
     response.headers["Cache-Control"] = SAMPLE_CACHE_CONTROL
-    response.headers["Content-Security-Policy"] = FILE_CONTENT_SECURITY_POLICY
-    response.headers["X-Content-Type-Options"] = "nosniff"
     return response
 
 
