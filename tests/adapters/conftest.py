@@ -6,7 +6,6 @@ import pickle
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 import torch
 import torchvision
 from torch import nn
@@ -83,8 +82,3 @@ def set_mtime(path: Path, seconds_ago: float) -> None:
 
     stamp = time.time() - seconds_ago
     os.utime(path, (stamp, stamp))
-
-
-@pytest.fixture()
-def cpu() -> torch.device:
-    return CPU
