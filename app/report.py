@@ -151,8 +151,10 @@ def open_model(directory: Path | None, checkpoint: str | None, device: Any,
     the directory's latest; no directory means the bundled demo."""
     from app.catalog import ModelCatalog, demo_directory
 
+    # One scan, now: a one-shot command has no training run to watch, so the listing never
+    # needs a rescan (a load slower than the default rescan interval would trigger one).
     catalog = ModelCatalog(directory or demo_directory(), device, trust_code=trust_code,
-                           settle_seconds=0.0)
+                           settle_seconds=0.0, rescan_seconds=float("inf"))
     catalog.refresh()
     if checkpoint is None:
         return catalog.load(catalog.get("latest").id)
