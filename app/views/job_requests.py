@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from app.errors import BadParameter, BadRequest, MethodUnsupported, TooExpensive, UnknownModel
 from app.jobs import PREDICTED, JobSpec, MethodRequest, meta_fingerprint
 from app.stores import ImageStore, canonical_json
+from visualizations.base import is_predicted
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -31,7 +32,7 @@ def _limited_list(payload: Mapping[str, Any], name: str, limit: int, *,
 
 
 def _target_spec(meta: "ModelMeta", raw: Any) -> int | str:
-    if isinstance(raw, str) and raw.strip().lower() in (PREDICTED, "prediction", "top1"):
+    if is_predicted(raw):
         return PREDICTED
     if not isinstance(raw, (int, str)) or isinstance(raw, bool):
         raise BadParameter("A target must be \"predicted\", a class index or a class label.",
