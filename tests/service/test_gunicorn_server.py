@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from benchmarks.load import gunicorn_server, main as load_main
+from benchmarks.load import gunicorn_server, main as load_main, memory_floors_mb
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -143,3 +143,22 @@ def test_quick_load_run_passes(capsys):
     assert status == 0, output
     assert "RESULT: OK" in output
     assert re.search(r"jobs: [1-9]\d* accepted", output), output
+
+
+def _samples(heap_mib_at):
+    """Samples twice a second over 20 s, heap in MiB as a function of time."""
+    return [(t / 2, {"RssAnon": int(heap_mib_at(t / 2) * 1024)}, (1,)) for t in range(40)]
+
+
+def test_the_memory_check_ignores_batch_spikes_but_sees_a_rising_floor():
+    def spiky(t):            # a flat 700 MiB heap with a 200 MiB batch every few samples
+        return 900 if int(t * 2) % 3 == 0 else 700
+
+    first, last = memory_floors_mb(_samples(spiky), "RssAnon", warmup=5, duration=20)
+    assert (first, last) == (700, 700)
+
+    def leaking(t):          # the same spikes on a floor that rises 10 MiB a second
+        return spiky(t) + 10 * t
+
+    first, last = memory_floors_mb(_samples(leaking), "RssAnon", warmup=5, duration=20)
+    assert last - first >= 90
