@@ -1,21 +1,25 @@
-"""Shared helpers for the tests that drive real Chromium against a real `convscope serve`.
+"""Shared helpers for the tests that drive real browsers against a real `convscope serve`.
 
-Chromium is Debian's (``apt-get install chromium``), driven by Python Playwright; the browser
-tests skip when either is missing, unless ``CONVSCOPE_REQUIRE_BROWSER=1`` (CI) makes that a
-failure.
+Chromium is Debian's (``apt-get install chromium``), driven by Python Playwright. Firefox is
+Debian's ESR (``apt-get install firefox-esr``), driven over its own Marionette protocol by
+``marionette-driver`` (Playwright only drives its own patched Firefox, which is a download, and
+geckodriver is not packaged). The browser tests skip when a browser or its driver is missing,
+unless ``CONVSCOPE_REQUIRE_BROWSER=1`` (CI) makes that a failure.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
@@ -25,20 +29,39 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-background-networking"]
 
 
+FIREFOX = "/usr/bin/firefox-esr"
+# A test profile: Marionette on a port of Firefox's choosing, and nothing that phones home
+# (CI and users' servers are air-gapped; a hanging update or telemetry request only slows it).
+FIREFOX_PREFS = {
+    "marionette.port": 0,
+    "browser.shell.checkDefaultBrowser": False,
+    "browser.startup.homepage_override.mstone": "ignore",
+    "browser.aboutwelcome.enabled": False,
+    "datareporting.policy.dataSubmissionEnabled": False,
+    "toolkit.telemetry.enabled": False,
+    "app.update.disabledForTesting": True,
+    "extensions.update.enabled": False,
+    "browser.safebrowsing.malware.enabled": False,
+    "browser.safebrowsing.phishing.enabled": False,
+    "network.captive-portal-service.enabled": False,
+    "network.connectivity-service.enabled": False,
+}
+
+
+def _skip_or_fail(reason: str) -> None:
+    if os.environ.get("CONVSCOPE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"CONVSCOPE_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
 def browser_or_skip():
     """Playwright's ``sync_playwright``, or skip (fail in CI) when it or Chromium is missing."""
-    reason = None
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        reason = "Python playwright is not installed"
-        sync_playwright = None
-    if reason is None and not os.path.exists(CHROMIUM):
-        reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    if reason is not None:
-        if os.environ.get("CONVSCOPE_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"CONVSCOPE_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+        _skip_or_fail("Python playwright is not installed")
+    if not os.path.exists(CHROMIUM):
+        _skip_or_fail(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
     return sync_playwright
 
 
@@ -95,3 +118,78 @@ def running_server(tmp_path: Path, serve_args: Sequence[str] = (), *,
             process.kill()
             pytest.fail("convscope serve did not stop on SIGTERM")
     assert "Traceback" not in log_path.read_text(errors="replace")
+
+
+def firefox_or_skip() -> None:
+    """Skip (fail in CI) when marionette-driver or Firefox is missing."""
+    try:
+        import marionette_driver  # noqa: F401
+    except ImportError:
+        _skip_or_fail("Python marionette-driver is not installed")
+    if not os.path.exists(FIREFOX):
+        _skip_or_fail(f"Firefox is not installed at {FIREFOX} (apt-get install firefox-esr)")
+
+
+@contextlib.contextmanager
+def firefox(width: int = 1400, height: int = 1000, start_timeout_s: float = 60) -> Iterator[Any]:
+    """Headless Firefox with a fresh profile; yields a Marionette client with a session."""
+    from marionette_driver.marionette import Marionette
+
+    with tempfile.TemporaryDirectory(prefix="convscope-firefox-") as profile_dir:
+        profile = Path(profile_dir)
+        (profile / "user.js").write_text("".join(
+            f"user_pref({json.dumps(name)}, {json.dumps(value)});\n"
+            for name, value in FIREFOX_PREFS.items()))
+        # -remote-allow-system-access: reading the browser console (console_errors) needs the
+        # privileged "chrome" context.
+        process = subprocess.Popen(
+            [FIREFOX, "--headless", "--marionette", "-remote-allow-system-access", "--no-remote",
+             "--profile", str(profile)],
+            env={**os.environ, "MOZ_HEADLESS": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = profile / "MarionetteActivePort"   # written once Marionette listens
+            deadline = time.monotonic() + start_timeout_s
+            while not port_file.exists() or not port_file.read_text().strip():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"Firefox did not start Marionette (exit {process.poll()})")
+                time.sleep(0.1)
+            client = Marionette(host="127.0.0.1", port=int(port_file.read_text()))
+            client.start_session()
+            client.set_window_rect(width=width, height=height)
+            try:
+                yield client
+            finally:
+                client.delete_session()
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def firefox_console_errors(client: Any, origin: str) -> list[str]:
+    """Errors in Firefox's console from pages under ``origin``: uncaught exceptions, CSP
+    violations, failed resource loads (nsIScriptError with the error flag, 0)."""
+    with client.using_context("chrome"):
+        return client.execute_script("""
+            const [origin] = arguments;
+            return Services.console.getMessageArray()
+                .filter(m => m instanceof Ci.nsIScriptError && m.flags === 0
+                             && m.sourceName.startsWith(origin))
+                .map(m => `${m.category}: ${m.errorMessage} (${m.sourceName}:${m.lineNumber})`);
+        """, script_args=[origin])
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.2)
