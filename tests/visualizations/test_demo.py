@@ -18,6 +18,7 @@ from PIL import Image
 from app.catalog import ModelCatalog, demo_directory
 from model_adapters.base import LoadedModel
 from visualizations import visualization_registry
+from visualizations.guided_backprop import guided_gradients
 
 IMAGES = demo_directory() / "images"
 CAT_CLASSES = range(281, 286)   # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -78,3 +79,14 @@ def test_grad_cam_follows_the_class_in_a_two_object_picture(demo_model: LoadedMo
     assert espresso_map[:, 112:].sum() / espresso_map.sum() > 0.8
     assert np.unravel_index(cat_map.argmax(), cat_map.shape)[1] < 112
     assert np.unravel_index(espresso_map.argmax(), espresso_map.shape)[1] >= 112
+
+
+def test_the_demo_models_relu6_is_guided(demo_model) -> None:
+    """EfficientNet-Lite0 uses only ReLU6: captum would return its plain gradient."""
+    torch.manual_seed(0)
+    inputs = torch.randn(1, 3, 224, 224)
+    ours = guided_gradients(demo_model.module, inputs, target=285)
+    leaf = inputs.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(demo_model.module(leaf)[:, 285].sum(), leaf)
+    assert torch.isfinite(ours).all()
+    assert (ours.sign() != plain.sign()).float().mean() > 0.05
