@@ -4,7 +4,8 @@ passes back through an activation (Springenberg et al. 2015, https://arxiv.org/a
 captum's ``GuidedBackprop`` guides only ``nn.ReLU``. Many classifiers use other activation
 modules -- EfficientNet-Lite and MobileNetV2 ReLU6, EfficientNet and RegNet SiLU, ConvNeXt GELU,
 MobileNetV3 Hardswish -- and there its "guided" pass quietly becomes the plain gradient. Here every
-module in ``GUIDED_ACTIVATIONS`` is guided the same way: the gradient with respect to its input
+module of a type in ``guided_activation_types()`` is guided the same way: the gradient with
+respect to its input
 (autograd's, so the activation's own derivative is kept: ReLU's x > 0, ReLU6's 0 < x < 6) is
 clamped at zero. For ``nn.ReLU`` this is exactly captum's result. Gates (sigmoid, hard sigmoid
 in squeeze-excitation blocks) are not activations of the feature path and are left alone.
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 def guided_activation_types() -> tuple[type, ...]:
     import torch.nn as nn
 
-    return (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+    # nn.Hardtanh covers its subclass nn.ReLU6.
+    return (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
             nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus)
 
 
@@ -36,29 +38,46 @@ def guided_activations(module: "torch.nn.Module") -> list["torch.nn.Module"]:
     return [child for child in module.modules() if isinstance(child, kinds)]
 
 
-def _guide_input(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Forward pre-hook: hand the activation a copy of its input whose gradient is clamped.
+def _clamp(gradient: "torch.Tensor") -> "torch.Tensor":
+    return gradient.clamp(min=0)
 
-    The copy keeps an in-place activation (``ReLU(inplace=True)``) from overwriting the tensor
-    the hook is on; the hook still sees the gradient of the value before the activation.
+
+def _guide_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook: clamp the gradient that flows back out of this activation's input.
+
+    Out-of-place activations get a copy of their input with the hook on it, so the gradient of
+    any other use of the same tensor (a residual branch) is left alone. In-place activations
+    keep their input, since code may rely on the side effect; a hook registered before an
+    in-place change sees the gradient of the value before it, which is the one to clamp.
     """
+    import torch
+
+    if not args or not torch.is_tensor(args[0]) or not args[0].requires_grad:
+        return None     # called with keywords, or in a pass without gradients: leave it alone
     first, *rest = args
-    if not getattr(first, "requires_grad", False):
+    if getattr(module, "inplace", False):
+        first.register_hook(_clamp)
         return None
     guided = first.clone()
-    guided.register_hook(lambda gradient: gradient.clamp(min=0))
+    guided.register_hook(_clamp)
     return (guided, *rest)
+
+
+def require_guided_activations(module: "torch.nn.Module") -> list["torch.nn.Module"]:
+    """The activation modules to guide; E_METHOD_UNSUPPORTED when there are none."""
+    activations = guided_activations(module)
+    if not activations:
+        raise MethodUnsupported(
+            "Guided backpropagation needs activation modules (nn.ReLU, nn.ReLU6, nn.SiLU, ...); "
+            "this model applies its activations as functions. Use grad_cam instead.")
+    return activations
 
 
 @contextlib.contextmanager
 def guided(module: "torch.nn.Module") -> Iterator[int]:
     """Guide every activation module of ``module`` while the block runs (yields how many);
     the hooks are removed when it ends, even on errors."""
-    activations = guided_activations(module)
-    if not activations:
-        raise MethodUnsupported(
-            "Guided backpropagation needs activation modules (nn.ReLU, nn.ReLU6, nn.SiLU, ...); "
-            "this model applies its activations as functions. Use grad_cam instead.")
+    activations = require_guided_activations(module)
     handles = []
     try:
         for activation in activations:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo
 from visualizations.common import as_model_input, prepare_model, to_map
 from visualizations.grad_cam import grad_cam_map
-from visualizations.guided_backprop import guided_gradients
+from visualizations.guided_backprop import guided_gradients, require_guided_activations
 from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class GuidedGradCamMap(LayerVisualization):
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: GuidedGradCamParams, context: RunContext) -> Attribution:
+        require_guided_activations(model.module)    # refuse before spending the Grad-CAM pass
         prepare_model(model)
         inputs = as_model_input(batch.detach().clone())
         cam = grad_cam_map(model, inputs, target.index, params.layer, relu=True,

@@ -16,7 +16,7 @@ from torch import nn
 from app.errors import MethodUnsupported
 from tests.visualizations.models import TinyCnn, wrap
 from visualizations import visualization_registry
-from visualizations.guided_backprop import guided_gradients
+from visualizations.guided_backprop import guided, guided_gradients
 
 
 class _GuidedReference(torch.autograd.Function):
@@ -50,7 +50,7 @@ def reference_guided_gradients(model: nn.Module, inputs: torch.Tensor, target: i
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if isinstance(child, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish)):
+            if isinstance(child, (nn.ReLU, nn.Hardtanh, nn.SiLU, nn.GELU, nn.Hardswish)):
                 setattr(parent, name, _Reference(child))
     leaf = inputs.detach().requires_grad_(True)
     (gradients,) = torch.autograd.grad(model(leaf)[:, target].sum(), leaf)
@@ -73,7 +73,8 @@ def plain_gradients(model: nn.Module, inputs: torch.Tensor, target: int) -> torc
 
 @pytest.mark.parametrize("activation, kwargs", [
     (nn.ReLU, {}), (nn.ReLU, {"inplace": True}), (nn.ReLU6, {}), (nn.ReLU6, {"inplace": True}),
-    (nn.SiLU, {}), (nn.GELU, {}), (nn.Hardswish, {})])
+    (nn.Hardtanh, {"min_val": -1.0, "max_val": 1.0}), (nn.SiLU, {}), (nn.GELU, {}),
+    (nn.Hardswish, {})])
 def test_each_activation_is_guided_like_the_hook_free_reference(activation, kwargs) -> None:
     model = small_net(activation, **kwargs)
     torch.manual_seed(1)
@@ -103,19 +104,65 @@ class FunctionalRelu(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.fc = nn.Linear(4, 3)
+        self.forward_calls = 0
 
     def forward(self, x):
+        self.forward_calls += 1
         return self.fc(F.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
 def test_a_model_without_activation_modules_is_refused_not_shown_unguided() -> None:
-    model = wrap(FunctionalRelu())
+    model = wrap(FunctionalRelu())           # wrapping probes the layers with one forward
+    calls_before = model.module.forward_calls
     with pytest.raises(MethodUnsupported) as caught:
         visualization_registry.get("guided_grad_cam").run(
-            model, torch.zeros(1, 3, 32, 32), None, {})
+            model, torch.zeros(1, 3, 32, 32), None, {}, probabilities=torch.ones(3).numpy() / 3)
     assert caught.value.code == "E_METHOD_UNSUPPORTED"
     assert "grad_cam" in caught.value.message
-    assert not model.module.conv._forward_pre_hooks
+    assert model.module.forward_calls == calls_before, "refused after a Grad-CAM pass"
+
+
+class SideEffectRelu(nn.Module):
+    """Relies on an in-place activation changing its input (the return value is ignored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        features = self.conv(x)
+        self.act(features)
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+def test_guiding_keeps_the_forward_of_in_place_activations() -> None:
+    torch.manual_seed(0)
+    model = SideEffectRelu().eval()
+    inputs = torch.randn(1, 3, 16, 16)
+    plain = model(inputs.clone().requires_grad_(True))
+    with guided(model):
+        hooked = model(inputs.clone().requires_grad_(True))
+    torch.testing.assert_close(hooked, plain)
+
+
+class KeywordActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(input=self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_an_activation_called_with_keywords_is_left_alone_not_crashed() -> None:
+    model = KeywordActivation().eval()
+    inputs = torch.randn(1, 3, 16, 16)
+    gradients = guided_gradients(model, inputs, target=0)     # nothing to guide, no crash
+    torch.testing.assert_close(gradients, plain_gradients(model, inputs, target=0))
 
 
 def test_hooks_are_removed_even_when_the_forward_fails() -> None:
