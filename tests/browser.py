@@ -124,8 +124,8 @@ def firefox_or_skip() -> None:
     """Skip (fail in CI) when marionette-driver or Firefox is missing."""
     try:
         import marionette_driver  # noqa: F401
-    except ImportError:
-        _skip_or_fail("Python marionette-driver is not installed")
+    except ImportError as error:   # not installed, or a dependency missing (telnetlib on 3.13)
+        _skip_or_fail(f"Python marionette-driver cannot be imported: {error}")
     if not os.path.exists(FIREFOX):
         _skip_or_fail(f"Firefox is not installed at {FIREFOX} (apt-get install firefox-esr)")
 
@@ -160,7 +160,8 @@ def firefox(width: int = 1400, height: int = 1000, start_timeout_s: float = 60) 
             try:
                 yield client
             finally:
-                client.delete_session()
+                if process.poll() is None:   # a crashed Firefox: keep the original error
+                    client.delete_session()
         finally:
             process.terminate()
             try:
@@ -171,8 +172,10 @@ def firefox(width: int = 1400, height: int = 1000, start_timeout_s: float = 60) 
 
 
 def firefox_console_errors(client: Any, origin: str) -> list[str]:
-    """Errors in Firefox's console from pages under ``origin``: uncaught exceptions, CSP
-    violations, failed resource loads (nsIScriptError with the error flag, 0)."""
+    """Errors in Firefox's console from pages under ``origin``: uncaught exceptions and CSP
+    violations (nsIScriptError with the error flag, 0). Not covered: ``console.error`` calls
+    (content processes keep those; convscope's scripts make none) and failed image loads (the
+    tests check ``naturalWidth`` instead)."""
     with client.using_context("chrome"):
         return client.execute_script("""
             const [origin] = arguments;
