@@ -141,7 +141,10 @@ threads = _int_env("CONVSCOPE_THREADS", 8)
 # checkpoint directory) happens before the loop, so leave it room. Requests are not bounded by it.
 timeout = _int_env("CONVSCOPE_WORKER_TIMEOUT", 120)
 graceful_timeout = _int_env("CONVSCOPE_GRACEFUL_TIMEOUT", 30)
-keepalive = 5
+# Idle keep-alive connections are closed after this many seconds. A proxy that keeps upstream
+# connections open must drop idle ones sooner (nginx: upstream keepalive_timeout below it),
+# or a request sent just as gunicorn closes one meets a connection reset.
+keepalive = _int_env("CONVSCOPE_KEEPALIVE", 5)
 preload_app = False
 # The admin control socket (gunicorn 25.1+) is not needed and is one more thing to secure.
 control_socket_disable = True

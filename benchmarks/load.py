@@ -225,6 +225,15 @@ class Client(threading.Thread):
         self.tally.record(what, response)
         return response
 
+    def idle(self, seconds: float) -> None:
+        """Sleep; for a second or more, drop pooled connections first. gunicorn closes idle
+        keep-alive connections after ``keepalive`` seconds (5), and a request sent on one just
+        as it closes meets a reset -- browsers then retry, requests does not. A client (or
+        proxy) must not reuse a connection idle that long, so neither does this one."""
+        if seconds >= 1.0:
+            self.session.close()
+        time.sleep(seconds)
+
     def run(self) -> None:
         iteration = 0
         while time.monotonic() < self.deadline:
@@ -240,7 +249,7 @@ class Client(threading.Thread):
                                  files={"image": (f"client{self.number}-{iteration}.jpg", data,
                                                   "image/jpeg")})
             if response is None or response.status_code != 201:
-                time.sleep(1)
+                self.idle(1)
                 return
             image_id = response.json()["images"][0]["id"]
             self.uploaded.append(image_id)
@@ -271,15 +280,15 @@ class Client(threading.Thread):
             self.follow(job_id)
         if busy_for:
             # Honour Retry-After, with jitter so clients do not return in lock-step.
-            time.sleep(min(busy_for * self.random.uniform(0.5, 1.0),
-                           max(0.0, self.deadline - time.monotonic())))
+            self.idle(min(busy_for * self.random.uniform(0.5, 1.0),
+                          max(0.0, self.deadline - time.monotonic())))
 
     def follow(self, job_id: str, patience: float = 180.0) -> None:
         started = time.monotonic()
         while time.monotonic() - started < patience:
             response = self.call("poll", "GET", f"/api/v1/jobs/{job_id}")
             if response is None or response.status_code != 200:
-                time.sleep(1)
+                self.idle(1)
                 continue
             record = response.json()
             if record["status"] in TERMINAL:

@@ -18,7 +18,8 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 def load_conf(monkeypatch, **env: str) -> dict:
     for name in ("CONVSCOPE_BIND", "CONVSCOPE_WORKERS", "CONVSCOPE_THREADS",
-                 "CONVSCOPE_GRACEFUL_TIMEOUT", "CONVSCOPE_WORKER_TIMEOUT", "CUDA_VISIBLE_DEVICES"):
+                 "CONVSCOPE_GRACEFUL_TIMEOUT", "CONVSCOPE_WORKER_TIMEOUT", "CONVSCOPE_KEEPALIVE",
+                 "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CONVSCOPE_DEVICE", "cpu")
     for name, value in env.items():
@@ -59,9 +60,11 @@ def test_every_setting_is_a_real_gunicorn_setting_with_a_valid_value(monkeypatch
 
 def test_environment_overrides(monkeypatch):
     conf = load_conf(monkeypatch, CONVSCOPE_BIND="0.0.0.0:9000", CONVSCOPE_WORKERS="3",
-                     CONVSCOPE_THREADS="16", CONVSCOPE_GRACEFUL_TIMEOUT="45")
+                     CONVSCOPE_THREADS="16", CONVSCOPE_GRACEFUL_TIMEOUT="45",
+                     CONVSCOPE_KEEPALIVE="2")
     assert conf["bind"] == ["0.0.0.0:9000"]
     assert (conf["workers"], conf["threads"], conf["graceful_timeout"]) == (3, 16, 45)
+    assert conf["keepalive"] == 2
 
 
 @pytest.mark.parametrize("value", ["many", "0", "-2", "1.5"])
