@@ -34,7 +34,7 @@ class ModelMeta:
     class_names: tuple[str, ...]
     cam_layers: tuple[str, ...]          # modules with spatial 4-D outputs, in forward order
     default_cam_layer: str | None        # the last spatial layer before global pooling
-    cam_unsupported_reason: str | None   # set (and cam_layers empty) for e.g. transformers
+    cam_unsupported_reason: str | None   # set (and cam_layers empty): no grid-shaped layer
     parameters: int
     checkpoint_file: str                 # file name as listed in the checkpoint directory
     sha256: str

@@ -23,12 +23,26 @@ The rule for the default layer ("the last spatial layer before global pooling"):
    1x1 class conv, which feeds its global pool), ``_bn1`` (the demo EfficientNet-Lite0, whose
    head activation is the reused ``_swish``).
 
-Transformers (ViT, Swin, MaxViT) attend over tokens; their 4-D tensors are patch embeddings or
-channels-last windows, not feature maps a CAM can weight. A model containing attention modules is
-reported as CAM-unsupported with a reason, and its candidate list is left empty.
+Transformers (models with attention modules: ViT, Swin, MaxViT) also carry 4-D tensors that are
+not feature maps -- channels-last windows, partitions -- so for them a layer qualifies only when
+its grid tiles the input (same aspect ratio, a whole-number stride):
+
+4. A 4-D output ``(N, C, H, W)`` whose ``H x W`` grid tiles the input: Swin's ``permute`` (its
+   channels-last stages turned back to ``(N, C, H, W)`` in front of the pool), MaxViT's
+   ``blocks.N``, a ViT's patch embedding.
+5. A 3-D token output ``(N, T, D)`` whose ``T`` is a few prefix tokens (class, distillation,
+   register tokens) plus a patch grid that tiles the input (:func:`token_grid`): ViT's encoder
+   layers. Grad-CAM drops the prefix and reshapes the patch tokens to ``(N, D, rows, cols)``.
+6. The default is the last token layer that completes before the last attention module starts:
+   for ViT the last block's ``ln_1``, as pytorch-grad-cam recommends -- after the last attention
+   only the class token reaches the head, so later patch tokens get no gradient. Without token
+   layers (Swin, MaxViT) the default follows rule 3.
+
+A transformer with no such layer is reported as CAM-unsupported with a reason.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +55,11 @@ _POOLING_TYPES: tuple[type[nn.Module], ...] = (
     nn.FractionalMaxPool2d,
 )
 
-TRANSFORMER_REASON = ("CAM needs a convolutional feature map, but this model is a transformer that "
-                      "attends over tokens; use a gradient or perturbation method instead.")
+TRANSFORMER_REASON = ("CAM needs a feature map or patch tokens laid out on a grid over the image, "
+                      "and this transformer has neither; use a gradient or perturbation method.")
+# Prefix tokens a ViT-style model may put before its patch tokens: class, distillation and
+# register tokens.
+MAX_PREFIX_TOKENS = 8
 NO_SPATIAL_REASON = "The model has no layer with a spatial feature map to compute a CAM on."
 SCRIPTED_REASON = ("TorchScript models cannot be hooked, so their layers are not available for "
                    "CAM; save a state_dict instead.")
@@ -82,6 +99,32 @@ def _is_spatial(output: Any) -> bool:
             and output.shape[2] * output.shape[3] > 1)
 
 
+def _tiles_input(rows: int, cols: int, input_size: tuple[int, int]) -> bool:
+    """Whether a ``rows x cols`` grid tiles the input with one whole-number stride."""
+    height, width = input_size
+    return (rows * cols > 1 and height % rows == 0 and width % cols == 0
+            and height // rows == width // cols)
+
+
+def token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
+    """``(prefix, rows, cols)`` when ``tokens`` is a few prefix tokens followed by a row-major
+    grid of patch tokens tiling the input, the fewest prefix tokens first; else None."""
+    height, width = input_size
+    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 2) + 1):
+        patches = tokens - prefix
+        stride = math.isqrt(height * width // patches) if height * width % patches == 0 else 0
+        if stride and stride * stride * patches == height * width:
+            if _tiles_input(height // stride, width // stride, input_size) and \
+                    (height // stride) * (width // stride) == patches:
+                return prefix, height // stride, width // stride
+    return None
+
+
+def _is_token_grid(output: Any, input_size: tuple[int, int]) -> bool:
+    return (isinstance(output, torch.Tensor) and output.dim() == 3
+            and token_grid(int(output.shape[1]), input_size) is not None)
+
+
 def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: int = 3,
                     device: torch.device | str | None = None) -> CamLayers:
     """Run one dummy batch through ``module`` (eval mode, no_grad) and report its CAM layers.
@@ -102,15 +145,32 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
 
     calls: dict[str, int] = {}
     spatial_order: list[str] = []  # names in completion order, first completion only
+    tokens: set[str] = set()       # those of them that are patch tokens (transformers)
+    last_attention_at = -1         # len(spatial_order) when the last attention module started
+    transformer = is_transformer(module)
+    attention = _attention_types()
     names = {child: name for name, child in module.named_modules() if name}
 
     def record(child: nn.Module, _inputs: Any, output: Any) -> None:
         name = names[child]
         calls[name] = calls.get(name, 0) + 1
-        if calls[name] == 1 and _is_spatial(output):
+        if calls[name] > 1:
+            return
+        if not transformer and _is_spatial(output):
             spatial_order.append(name)
+        elif transformer and _is_spatial(output) and _tiles_input(*output.shape[2:], input_size):
+            spatial_order.append(name)
+        elif transformer and _is_token_grid(output, input_size):
+            spatial_order.append(name)
+            tokens.add(name)
+
+    def attention_starts(_child: nn.Module, _inputs: Any) -> None:
+        nonlocal last_attention_at
+        last_attention_at = len(spatial_order)
 
     handles = [child.register_forward_hook(record) for child in names]
+    handles += [child.register_forward_pre_hook(attention_starts)
+                for child in names if isinstance(child, attention)]
     try:
         with torch.no_grad():
             output = module(probe)
@@ -118,12 +178,16 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
         for handle in handles:
             handle.remove()
 
-    if is_transformer(module):
-        return CamLayers((), None, TRANSFORMER_REASON, output)
     layers = tuple(name for name in spatial_order if calls[name] == 1)
     if not layers:
-        return CamLayers((), None, NO_SPATIAL_REASON, output)
+        return CamLayers((), None, TRANSFORMER_REASON if transformer else NO_SPATIAL_REASON,
+                         output)
+    before_last_attention = [name for name in spatial_order[:last_attention_at]
+                             if name in tokens and calls[name] == 1]
+    if before_last_attention:                                            # rule 6
+        return CamLayers(layers, before_last_attention[-1], None, output)
     by_name = dict(module.named_modules())
-    features = [name for name in layers if not isinstance(by_name[name], _POOLING_TYPES)]
+    features = [name for name in layers
+                if name not in tokens and not isinstance(by_name[name], _POOLING_TYPES)]
     default = features[-1] if features else layers[-1]
     return CamLayers(layers, default, None, output)

@@ -6,16 +6,21 @@ for a global-average-pool + linear head (up to a constant factor) and works for 
 coarse layer map is upsampled bilinearly to the input. With ``relu`` (the paper's choice) only
 evidence *for* the class is kept; without it the map is signed.
 
-Costs one forward and one backward pass (captum's ``LayerGradCam``).
+The layer is a convolutional feature map ``(1, C, h, w)``, or a transformer's patch tokens
+``(1, T, D)``: the prefix tokens (class, distillation, registers) are dropped and the rest laid
+out on their grid (:func:`model_adapters.cam_layers.token_grid`), as pytorch-grad-cam's
+``reshape_transform`` does for ViTs. Costs one forward and one backward pass; on feature maps
+the result equals captum's ``LayerGradCam`` (tested).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from app.errors import MethodUnsupported
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo, param
-from visualizations.common import (ObservedForward, as_model_input, find_layer, prepare_model,
-                                   quiet_captum, to_map, upsample)
+from visualizations.common import (ObservedForward, as_model_input, check_finite, find_layer,
+                                   prepare_model, to_map, upsample)
 from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
@@ -35,13 +40,56 @@ class GradCamParams:
 def grad_cam_map(model: "LoadedModel", inputs: "torch.Tensor", target: int, layer_name: str,
                  relu: bool, context: RunContext) -> "torch.Tensor":
     """Grad-CAM at ``layer_name`` for one image, upsampled to the input size: (1, 1, H, W)."""
-    from captum.attr import LayerGradCam
+    import torch
 
     layer = find_layer(model.module, layer_name)
-    grad_cam = LayerGradCam(ObservedForward(model.module, context, 1), layer)
-    with quiet_captum():
-        coarse = grad_cam.attribute(inputs, target=target, relu_attributions=relu)
-    return upsample(coarse.detach().float(), tuple(inputs.shape[-2:]))
+    saved: list["torch.Tensor"] = []
+
+    def keep_output(_module: object, _inputs: object, output: object) -> object:
+        if saved or not isinstance(output, torch.Tensor):
+            return None
+        saved.append(output)
+        # Later modules get a copy, so an in-place op after the layer (a ReLU(inplace=True))
+        # cannot change the activations we take the gradient for.
+        return output.clone()
+
+    handle = layer.register_forward_hook(keep_output)
+    try:
+        with torch.enable_grad():
+            leaf = inputs.detach().requires_grad_(True)
+            logits = ObservedForward(model.module, context, 1)(leaf)
+            check_finite(logits, "logits")
+            if not saved:
+                raise MethodUnsupported(f"Layer {layer_name!r} did not produce a tensor, so "
+                                        "Grad-CAM cannot use it; choose another layer.")
+            (gradients,) = torch.autograd.grad(logits[:, target].sum(), saved[0])
+    finally:
+        handle.remove()
+    size = tuple(inputs.shape[-2:])
+    activations = feature_map(saved[0].detach(), size, layer_name)
+    gradients = feature_map(gradients, size, layer_name)
+    weights = gradients.float().mean(dim=(2, 3), keepdim=True)         # one weight per channel
+    coarse = (weights * activations.float()).sum(dim=1, keepdim=True)  # (1, 1, h, w)
+    if relu:
+        coarse = coarse.clamp(min=0)
+    return upsample(coarse, size)
+
+
+def feature_map(tensor: "torch.Tensor", input_size: tuple[int, int],
+                layer_name: str) -> "torch.Tensor":
+    """A layer output as ``(N, C, h, w)``: feature maps as they are, patch tokens on their grid."""
+    from model_adapters.cam_layers import token_grid
+
+    if tensor.ndim == 4:
+        return tensor
+    grid = token_grid(int(tensor.shape[1]), input_size) if tensor.ndim == 3 else None
+    if grid is None:
+        raise MethodUnsupported(
+            f"Layer {layer_name!r} outputs shape {tuple(tensor.shape)}: neither a feature map "
+            "nor patch tokens on a grid over the image; choose another layer.")
+    prefix, rows, cols = grid
+    patches = tensor[:, prefix:]                                       # (N, rows*cols, D)
+    return patches.reshape(tensor.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
 
 
 class GradCamMap(LayerVisualization):

@@ -1,7 +1,8 @@
 """The ``layer`` parameter shared by CAM, Grad-CAM and Guided Grad-CAM, and their base class.
 
-Its choices come from the model (``ModelMeta.cam_layers``: modules with spatial 4-D outputs, in
-forward order); its default is the model's last spatial layer before global pooling.
+Its choices come from the model (``ModelMeta.cam_layers``: modules with spatial 4-D outputs, or
+a transformer's patch-token outputs, in forward order); its default is the model's last spatial
+layer before global pooling (for a ViT: the input of the last attention).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ if TYPE_CHECKING:
 
 def layer_param() -> Any:
     return param(AUTO, label="Layer", choices_from="cam_layers",
-                 help="The convolutional layer whose feature maps are weighted (default: the "
-                      "last one before global pooling).")
+                 help="The layer whose feature maps (or, in a vision transformer, patch tokens) "
+                      "are weighted (default: the last one before global pooling; for a ViT, "
+                      "the input of the last attention).")
 
 
 def layer_support(meta: "ModelMeta") -> str | None:

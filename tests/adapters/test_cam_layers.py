@@ -1,5 +1,5 @@
 """The default CAM layer is "the last spatial layer before global pooling" for every torchvision
-classification architecture, and transformers are reported as unsupported."""
+CNN classifier; transformers get grid-shaped layers only (ViT: the last block's ln_1)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from model_adapters.cam_layers import TRANSFORMER_REASON, find_cam_layers
+from model_adapters.cam_layers import TRANSFORMER_REASON, find_cam_layers, token_grid
 from model_adapters.loading import loaded_model_from_module
 from model_adapters.torchvision_builds import build, default_preprocess
 from tests.adapters.conftest import TinyNet
@@ -20,16 +20,23 @@ EXPECTED_DEFAULT = {
     "regnet": "trunk_output", "inception_v3": "Mixed_7c", "googlenet": "inception5b",
     "shufflenet": "conv5", "mnasnet": "layers", "squeezenet": "classifier.2",
 }
-TRANSFORMERS = ("vit_", "swin_", "maxvit_")
+# Transformers: the ViT default is the input of the last attention (``num_layers - 1``).
+EXPECTED_TRANSFORMER_DEFAULT = {
+    "vit_b_16": "encoder.layers.encoder_layer_11.ln_1",
+    "vit_b_32": "encoder.layers.encoder_layer_11.ln_1",
+    "vit_l_16": "encoder.layers.encoder_layer_23.ln_1",
+    "vit_l_32": "encoder.layers.encoder_layer_23.ln_1",
+    "vit_h_14": "encoder.layers.encoder_layer_31.ln_1",
+    "swin_": "permute", "maxvit_": "blocks.3",
+}
 ALL_ARCHITECTURES = sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _expected(name: str) -> str | None:
-    if name.startswith(TRANSFORMERS):
-        return None
-    matches = [family for family in EXPECTED_DEFAULT if name.startswith(family)]
+def _expected(name: str) -> str:
+    expectations = {**EXPECTED_DEFAULT, **EXPECTED_TRANSFORMER_DEFAULT}
+    matches = [family for family in expectations if name.startswith(family)]
     assert matches, f"no expectation for new torchvision architecture {name!r}: add one"
-    return EXPECTED_DEFAULT[max(matches, key=len)]
+    return expectations[max(matches, key=len)]
 
 
 @pytest.mark.slow
@@ -42,10 +49,6 @@ def test_default_cam_layer_for_every_torchvision_classifier() -> None:
         cam = find_cam_layers(model, size, 3, torch.device("meta"))
         expected = _expected(name)
         assert tuple(cam.output.shape) == (1, 1000), name
-        if expected is None:
-            assert cam.layers == () and cam.default is None, name
-            assert cam.unsupported_reason == TRANSFORMER_REASON, name
-            continue
         assert cam.unsupported_reason is None, name
         assert cam.default == expected, (name, cam.default)
         assert cam.default in cam.layers, name
@@ -87,16 +90,54 @@ def test_model_without_spatial_layers_reports_why() -> None:
     assert loaded.meta.cam_unsupported_reason
 
 
-def test_transformer_is_loadable_and_reports_cam_unsupported() -> None:
+def test_a_vit_gets_its_patch_token_layers_and_the_last_attentions_input() -> None:
     torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1,
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2,
                                                num_heads=2, hidden_dim=8, mlp_dim=16,
                                                num_classes=4)
     loaded = loaded_model_from_module(vit, architecture="vit_tiny", input_size=(32, 32),
                                       mean=[0.5], std=[0.5], class_names=None)
-    assert loaded.meta.cam_layers == ()
-    assert loaded.meta.cam_unsupported_reason == TRANSFORMER_REASON
+    assert loaded.meta.cam_unsupported_reason is None
+    assert loaded.meta.default_cam_layer == "encoder.layers.encoder_layer_1.ln_1"
+    assert "conv_proj" in loaded.meta.cam_layers                  # the 2 x 2 patch embedding
+    assert "encoder.layers.encoder_layer_0.mlp" in loaded.meta.cam_layers
     assert loaded.predict(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+
+
+class SequenceTransformer(nn.Module):
+    """Attention over 3 learned tokens that are no grid over the image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3 * 4),
+                                    nn.Unflatten(1, (3, 4)))
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens(x)
+        attended, _ = self.attention(tokens, tokens, tokens)
+        return self.fc(attended.mean(dim=1))
+
+
+def test_a_transformer_without_a_grid_reports_cam_unsupported() -> None:
+    loaded = loaded_model_from_module(SequenceTransformer(), architecture="seq", input_size=(8, 8),
+                                      mean=[0.5], std=[0.5], class_names=None)
+    assert loaded.meta.cam_layers == () and loaded.meta.default_cam_layer is None
+    assert loaded.meta.cam_unsupported_reason == TRANSFORMER_REASON
+
+
+@pytest.mark.parametrize("tokens, size, grid", [
+    (197, (224, 224), (1, 14, 14)),     # ViT-B/16: class token + 14 x 14
+    (50, (224, 224), (1, 7, 7)),        # ViT-B/32
+    (198, (224, 224), (2, 14, 14)),     # DeiT distilled: class + distillation token
+    (201, (224, 224), (5, 14, 14)),     # class + 4 register tokens
+    (196, (224, 224), (0, 14, 14)),     # no prefix
+    (1 + 12 * 16, (192, 256), (1, 12, 16)),   # non-square input
+    (100, (224, 224), None), (3, (8, 8), None),
+])
+def test_token_grid(tokens, size, grid) -> None:
+    assert token_grid(tokens, size) == grid
 
 
 def test_loaded_model_from_module_fills_meta() -> None:

@@ -123,18 +123,29 @@ class NanWhenOccluded(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    """Patch embedding + self-attention: CAM methods do not apply."""
+    """A miniature ViT: 8 px patches (a 4 x 4 grid on 32 x 32, row-major), a class token in
+    front, LayerNorm, self-attention and a GELU MLP with residuals, and the class token's output
+    into a linear head. The patch embedding has no bias, so blank image regions give all-zero
+    patch tokens, also after the LayerNorm (whose bias starts at zero)."""
 
-    def __init__(self, classes: int = 3) -> None:
+    def __init__(self, classes: int = 3, width: int = 8) -> None:
         super().__init__()
-        self.embed = nn.Conv2d(3, 8, 8, stride=8)
-        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.fc = nn.Linear(8, classes)
+        self.embed = nn.Conv2d(3, width, 8, stride=8, bias=False)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
+                                 nn.Linear(2 * width, width))
+        self.fc = nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        attended, _ = self.attention(tokens, tokens, tokens)
-        return self.fc(attended.mean(dim=1))
+        patches = self.embed(x).flatten(2).transpose(1, 2)              # (N, 16, D)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), patches], dim=1)
+        normed = self.norm(tokens)                                       # (N, 17, D)
+        attended, _ = self.attention(normed, normed, normed)
+        tokens = tokens + attended
+        tokens = tokens + self.mlp(tokens)
+        return self.fc(tokens[:, 0])
 
 
 # --- the synthetic task --------------------------------------------------------------------

@@ -313,19 +313,22 @@ def test_nan_on_occluded_copies_is_an_error(name: str, tiny_image: torch.Tensor)
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_transformers_are_refused_only_by_cam_methods(name: str) -> None:
+def test_a_transformer_gets_every_method_but_exact_cam(name: str) -> None:
+    """Patch tokens are a CAM layer (default: the last attention's input); CAM itself needs a
+    global-average-pool + linear head, and this one reads the class token."""
     model = wrap(TinyTransformer())
+    assert model.meta.default_cam_layer == "norm"
     method = visualization_registry.get(name)
-    reason = method.supports(model.meta)
-    image = torch.zeros(1, 3, 32, 32)
-    if name in CAM_FAMILY:
-        assert reason and "transformer" in reason
+    assert method.supports(model.meta) is None
+    image = torch.rand(1, 3, 32, 32)
+    if name == "cam":
         with pytest.raises(MethodUnsupported) as caught:
             method.run(model, image, None, {})
-        assert caught.value.code == "E_METHOD_UNSUPPORTED"
+        assert caught.value.code == "E_METHOD_UNSUPPORTED" and "grad_cam" in caught.value.message
     else:
-        assert reason is None
-        method.run(model, image, None, BATCHED.get(name, {}))
+        result = method.run(model, image, None, BATCHED.get(name, {}))
+        assert all(panel.values.shape == (32, 32) for panel in result.panels
+                   if panel.kind == "heatmap")
 
 
 def test_cam_refuses_other_heads_and_points_to_grad_cam() -> None:
