@@ -25,18 +25,20 @@ The rule for the default layer ("the last spatial layer before global pooling"):
 
 Transformers (models with attention modules: ViT, Swin, MaxViT) also carry 4-D tensors that are
 not feature maps -- channels-last windows, partitions -- so for them a layer qualifies only when
-its grid tiles the input (same aspect ratio, a whole-number stride):
+it lies on a grid over the input:
 
-4. A 4-D output ``(N, C, H, W)`` whose ``H x W`` grid tiles the input: Swin's ``permute`` (its
+4. A 4-D output ``(N, C, H, W)`` with the input's aspect ratio: Swin's ``permute`` (its
    channels-last stages turned back to ``(N, C, H, W)`` in front of the pool), MaxViT's
-   ``blocks.N``, a ViT's patch embedding.
-5. A 3-D token output ``(N, T, D)`` whose ``T`` is a few prefix tokens (class, distillation,
-   register tokens) plus a patch grid that tiles the input (:func:`token_grid`): ViT's encoder
-   layers. Grad-CAM drops the prefix and reshapes the patch tokens to ``(N, D, rows, cols)``.
-6. The default is the last token layer that completes before the last attention module starts:
-   for ViT the last block's ``ln_1``, as pytorch-grad-cam recommends -- after the last attention
-   only the class token reaches the head, so later patch tokens get no gradient. Without token
-   layers (Swin, MaxViT) the default follows rule 3.
+   ``blocks.N``, a ViT's patch embedding, a CNN backbone's maps in a hybrid.
+5. A 3-D token output ``(1, T, D)`` whose ``T`` is a few prefix tokens (class, distillation,
+   register tokens) plus a patch grid that tiles the input (:func:`token_grid`) -- the same grid
+   as the patch embedding, when there is one -- and that completes before the last attention
+   starts (after it only the class token reaches the head, so later patch tokens get no
+   gradient). Dropout and identity modules, copies of their neighbours, are left out. Grad-CAM
+   drops the prefix and reshapes the patch tokens to ``(N, D, rows, cols)``.
+6. The default is the last token layer -- for ViT the last block's ``ln_1``, as pytorch-grad-cam
+   recommends -- unless a 4-D map (rule 4) completes after the last attention (a CNN stage after
+   an attention block in a hybrid): then, and without token layers (Swin, MaxViT), rule 3.
 
 A transformer with no such layer is reported as CAM-unsupported with a reason.
 """
@@ -99,6 +101,18 @@ def _is_spatial(output: Any) -> bool:
             and output.shape[2] * output.shape[3] > 1)
 
 
+def _on_input_grid(rows: int, cols: int, input_size: tuple[int, int]) -> bool:
+    """Whether a ``rows x cols`` map is the input seen at one stride ``s``: ``(rows, cols)`` is
+    ``(H / s, W / s)`` rounded one way (down, up as padded convolutions do, or to nearest), so
+    also at sizes ``s`` does not divide. Channels-last windows, partitions and bias tables read
+    as ``(N, C, H, W)`` fail it (on a square input, say, they are not square)."""
+    height, width = input_size
+    return rows * cols > 1 and any(
+        rounding(height / stride) == rows and rounding(width / stride) == cols
+        for stride in range(1, max(height, width) + 1)
+        for rounding in (math.floor, math.ceil, round))
+
+
 def _tiles_input(rows: int, cols: int, input_size: tuple[int, int]) -> bool:
     """Whether a ``rows x cols`` grid tiles the input with one whole-number stride."""
     height, width = input_size
@@ -120,9 +134,12 @@ def token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int]
     return None
 
 
-def _is_token_grid(output: Any, input_size: tuple[int, int]) -> bool:
-    return (isinstance(output, torch.Tensor) and output.dim() == 3
-            and token_grid(int(output.shape[1]), input_size) is not None)
+def _token_grid_of(output: Any, input_size: tuple[int, int]) -> tuple[int, int] | None:
+    """``(rows, cols)`` of a probe output that is patch tokens ``(1, T, D)``, else None."""
+    if not (isinstance(output, torch.Tensor) and output.dim() == 3 and output.shape[0] == 1):
+        return None   # batch 1 in the probe: windowed (B * windows, T, D) tokens are not a grid
+    grid = token_grid(int(output.shape[1]), input_size)
+    return grid[1:] if grid else None
 
 
 def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: int = 3,
@@ -146,7 +163,8 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     calls: dict[str, int] = {}
     spatial_order: list[str] = []  # names in completion order, first completion only
     tokens: set[str] = set()       # those of them that are patch tokens (transformers)
-    last_attention_at = -1         # len(spatial_order) when the last attention module started
+    map_grids: set[tuple[int, int]] = set()   # (rows, cols) of the 4-D maps seen so far
+    last_attention_at: int | None = None  # len(spatial_order) when the last attention started
     transformer = is_transformer(module)
     attention = _attention_types()
     names = {child: name for name, child in module.named_modules() if name}
@@ -156,11 +174,19 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
         calls[name] = calls.get(name, 0) + 1
         if calls[name] > 1:
             return
-        if not transformer and _is_spatial(output):
+        if not transformer:
+            if _is_spatial(output):
+                spatial_order.append(name)
+            return
+        if _is_spatial(output) and _on_input_grid(*output.shape[2:], input_size):
             spatial_order.append(name)
-        elif transformer and _is_spatial(output) and _tiles_input(*output.shape[2:], input_size):
-            spatial_order.append(name)
-        elif transformer and _is_token_grid(output, input_size):
+            map_grids.add(tuple(output.shape[2:]))
+            return
+        grid = _token_grid_of(output, input_size)
+        # Tokens must match the patch embedding's grid when there is one, so a channel-first
+        # (1, C, L) tensor whose C happens to fit a grid is not read as tokens.
+        if grid and (not map_grids or grid in map_grids) \
+                and not isinstance(child, (nn.Dropout, nn.Identity)):   # copies of a neighbour
             spatial_order.append(name)
             tokens.add(name)
 
@@ -178,16 +204,20 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
         for handle in handles:
             handle.remove()
 
-    layers = tuple(name for name in spatial_order if calls[name] == 1)
+    # After the last attention only the class token reaches the head: later patch tokens get
+    # no gradient, so they are not offered at all.
+    cut = len(spatial_order) if last_attention_at is None else last_attention_at
+    layers = tuple(name for position, name in enumerate(spatial_order)
+                   if calls[name] == 1 and (name not in tokens or position < cut))
     if not layers:
         return CamLayers((), None, TRANSFORMER_REASON if transformer else NO_SPATIAL_REASON,
                          output)
-    before_last_attention = [name for name in spatial_order[:last_attention_at]
-                             if name in tokens and calls[name] == 1]
-    if before_last_attention:                                            # rule 6
-        return CamLayers(layers, before_last_attention[-1], None, output)
     by_name = dict(module.named_modules())
     features = [name for name in layers
                 if name not in tokens and not isinstance(by_name[name], _POOLING_TYPES)]
+    token_layers = [name for name in layers if name in tokens]
+    maps_after_attention = [name for name in spatial_order[cut:] if name in features]
+    if token_layers and not maps_after_attention:                        # rule 6
+        return CamLayers(layers, token_layers[-1], None, output)
     default = features[-1] if features else layers[-1]
     return CamLayers(layers, default, None, output)

@@ -62,6 +62,10 @@ def grad_cam_map(model: "LoadedModel", inputs: "torch.Tensor", target: int, laye
             if not saved:
                 raise MethodUnsupported(f"Layer {layer_name!r} did not produce a tensor, so "
                                         "Grad-CAM cannot use it; choose another layer.")
+            if not saved[0].requires_grad or not logits.requires_grad:
+                raise MethodUnsupported("The model computes this layer or its output without "
+                                        "gradients (torch.no_grad inside forward), so Grad-CAM "
+                                        "cannot run; use occlusion.")
             (gradients,) = torch.autograd.grad(logits[:, target].sum(), saved[0])
     finally:
         handle.remove()

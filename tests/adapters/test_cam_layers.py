@@ -127,6 +127,76 @@ def test_a_transformer_without_a_grid_reports_cam_unsupported() -> None:
     assert loaded.meta.cam_unsupported_reason == TRANSFORMER_REASON
 
 
+class SelfAttention2d(nn.Module):
+    """A non-local block: the map as tokens through pre-norm attention, back to (N, C, H, W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.attention = nn.MultiheadAttention(channels, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        tokens = self.norm(x.flatten(2).transpose(1, 2))
+        attended = self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        return x + attended.transpose(1, 2).reshape(n, c, h, w)
+
+
+@pytest.mark.parametrize("side", [224, 227])
+def test_a_cnn_with_an_attention_block_keeps_its_cnn_default(side: int) -> None:
+    """A hybrid's last CNN stage after the attention stays the default, also at a size the
+    stride does not divide."""
+    resnet = torchvision.models.resnet18(num_classes=4)
+    resnet.layer3 = nn.Sequential(resnet.layer3, SelfAttention2d(256))
+    cam = find_cam_layers(resnet.eval(), (side, side))
+    assert cam.default == "layer4" and "layer2" in cam.layers
+
+
+class ChannelFirstTokens(nn.Module):
+    """(N, C, L) channels-first: 16 channels look like a 4 x 4 grid of tokens by count, but
+    the patch embedding's grid is 2 x 2, so they are not read as tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 8, stride=8)             # (N, 16, 2, 2) on 16 x 16
+        self.flatten = nn.Flatten(2)                           # (N, 16, 4)
+        self.attention = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.flatten(self.conv(x))
+        return self.fc(self.attention(features, features, features)[0].mean(1))
+
+
+def test_channels_first_tensors_are_not_read_as_tokens() -> None:
+    cam = find_cam_layers(ChannelFirstTokens().eval(), (16, 16))
+    assert cam.layers == ("conv",) and cam.default == "conv"
+
+
+def test_patch_tokens_after_the_last_attention_are_not_offered() -> None:
+    from tests.visualizations.models import TinyTransformer
+
+    cam = find_cam_layers(TinyTransformer().eval(), (32, 32))
+    assert cam.layers == ("embed", "norm") and cam.default == "norm"
+
+
+def test_an_attention_module_that_never_runs_changes_nothing() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 8, stride=8)
+            self.first, self.second = nn.LayerNorm(8), nn.LayerNorm(8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)   # never called
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.embed(x).flatten(2).transpose(1, 2)
+            return self.fc(self.second(self.first(tokens)).mean(1))
+
+    cam = find_cam_layers(Unused().eval(), (32, 32))
+    assert cam.layers == ("embed", "first", "second") and cam.default == "second"
+
+
 @pytest.mark.parametrize("tokens, size, grid", [
     (197, (224, 224), (1, 14, 14)),     # ViT-B/16: class token + 14 x 14
     (50, (224, 224), (1, 7, 7)),        # ViT-B/32

@@ -1,5 +1,6 @@
-"""Grad-CAM on transformers: ViT patch tokens laid out on their grid, Swin's feature map, and
-the same numbers as captum's LayerGradCam on convolutional layers."""
+"""Grad-CAM at every kind of layer: ViT patch tokens laid out on their grid, Swin's feature
+map, convolutional layers (the same numbers as captum's LayerGradCam, in-place ops after the
+layer included), and a clear refusal when the model switches gradients off."""
 from __future__ import annotations
 
 import numpy as np
@@ -90,3 +91,44 @@ def test_feature_map_grad_cam_equals_captums_layer_grad_cam(layer: str, relu: bo
         image.clone().requires_grad_(True), target=2, relu_attributions=relu)
     theirs = upsample(coarse.detach().float(), (32, 32))
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("layer", ["layer4.1.bn2", "layer3.0.conv1", "layer4"])
+def test_layers_followed_by_in_place_ops_still_equal_captum(layer: str) -> None:
+    """resnet18's ``bn2`` output is changed in place (``out += identity``, ``relu_``): the
+    activations must be taken before that, as captum does."""
+    from captum.attr import LayerGradCam
+
+    from visualizations.common import prepare_model
+
+    torch.manual_seed(0)
+    model = wrap(torchvision.models.resnet18(num_classes=3).eval(), side=64)
+    prepare_model(model)                                  # channels-last, as in a real run
+    image = torch.randn(1, 3, 64, 64)
+    ours = grad_cam_map(model, image, 1, layer, False, RunContext())
+    coarse = LayerGradCam(model.module, dict(model.module.named_modules())[layer]).attribute(
+        image.clone().requires_grad_(True), target=1, relu_attributions=False)
+    theirs = upsample(coarse.detach().float(), (64, 64))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+class NoGradBackbone(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.conv(x)
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+def test_a_model_that_switches_gradients_off_is_refused_with_a_reason() -> None:
+    from app.errors import MethodUnsupported
+
+    with pytest.raises(MethodUnsupported) as caught:
+        visualization_registry.get("grad_cam").run(wrap(NoGradBackbone()),
+                                                   torch.rand(1, 3, 32, 32), None, {})
+    assert "no_grad" in caught.value.message
