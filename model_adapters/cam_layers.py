@@ -90,12 +90,6 @@ def _attention_types() -> tuple[type[nn.Module], ...]:
     return tuple(types)
 
 
-def is_transformer(module: nn.Module) -> bool:
-    """True when the model contains token-attention modules (ViT, Swin, MaxViT, ...)."""
-    attention = _attention_types()
-    return any(isinstance(child, attention) for child in module.modules())
-
-
 def _is_spatial(output: Any) -> bool:
     return (isinstance(output, torch.Tensor) and output.dim() == 4
             and output.shape[2] * output.shape[3] > 1)
@@ -113,24 +107,18 @@ def _on_input_grid(rows: int, cols: int, input_size: tuple[int, int]) -> bool:
         for rounding in (math.floor, math.ceil, round))
 
 
-def _tiles_input(rows: int, cols: int, input_size: tuple[int, int]) -> bool:
-    """Whether a ``rows x cols`` grid tiles the input with one whole-number stride."""
-    height, width = input_size
-    return (rows * cols > 1 and height % rows == 0 and width % cols == 0
-            and height // rows == width // cols)
-
-
 def token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
     """``(prefix, rows, cols)`` when ``tokens`` is a few prefix tokens followed by a row-major
-    grid of patch tokens tiling the input, the fewest prefix tokens first; else None."""
+    grid of patch tokens tiling the input (square patches of a whole-number side), the fewest
+    prefix tokens first; else None."""
     height, width = input_size
     for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 2) + 1):
         patches = tokens - prefix
-        stride = math.isqrt(height * width // patches) if height * width % patches == 0 else 0
-        if stride and stride * stride * patches == height * width:
-            if _tiles_input(height // stride, width // stride, input_size) and \
-                    (height // stride) * (width // stride) == patches:
-                return prefix, height // stride, width // stride
+        if (height * width) % patches:
+            continue
+        side = math.isqrt(height * width // patches)
+        if side * side * patches == height * width and height % side == 0 and width % side == 0:
+            return prefix, height // side, width // side
     return None
 
 
@@ -165,9 +153,9 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     tokens: set[str] = set()       # those of them that are patch tokens (transformers)
     map_grids: set[tuple[int, int]] = set()   # (rows, cols) of the 4-D maps seen so far
     last_attention_at: int | None = None  # len(spatial_order) when the last attention started
-    transformer = is_transformer(module)
-    attention = _attention_types()
     names = {child: name for name, child in module.named_modules() if name}
+    attention = _attention_types()
+    transformer = any(isinstance(child, attention) for child in names)
 
     def record(child: nn.Module, _inputs: Any, output: Any) -> None:
         name = names[child]
@@ -212,7 +200,7 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     if not layers:
         return CamLayers((), None, TRANSFORMER_REASON if transformer else NO_SPATIAL_REASON,
                          output)
-    by_name = dict(module.named_modules())
+    by_name = {name: child for child, name in names.items()}
     features = [name for name in layers
                 if name not in tokens and not isinstance(by_name[name], _POOLING_TYPES)]
     token_layers = [name for name in layers if name in tokens]

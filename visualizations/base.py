@@ -296,7 +296,6 @@ class Visualization(ABC):
     description: ClassVar[str]
     reference: ClassVar[str]            # paper link
     Params: ClassVar[type]
-    signed: ClassVar[bool] = False      # whether the maps are signed (diverging colormap)
 
     def parse_params(self, raw: Mapping[str, Any] | None, meta: "ModelMeta | None" = None) -> Any:
         return parse_params(self.Params, raw, meta)
@@ -326,7 +325,9 @@ class Visualization(ABC):
     @abstractmethod
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: Any, context: RunContext) -> Attribution:
-        """Compute panels for one (1, C, H, W) preprocessed image and one target class."""
+        """Compute panels for one (1, C, H, W) preprocessed image and one target class.
+
+        ``run`` has switched the model to channels-last memory (``common.prepare_model``)."""
 
     def run(self, model: "LoadedModel", batch: "torch.Tensor", targets: Sequence[int | str] | None,
             params: Any, context: RunContext | None = None, *,
@@ -336,6 +337,7 @@ class Visualization(ABC):
         ``probabilities`` (the model's class probabilities for ``batch``) saves a forward pass
         when the caller has already predicted, as the job executor and the CLI report have."""
         from visualizations.batching import is_out_of_memory
+        from visualizations.common import prepare_model
 
         context = context or RunContext()
         if isinstance(params, Mapping) or params is None:
@@ -352,6 +354,7 @@ class Visualization(ABC):
                 if probabilities is None:
                     probabilities = model.predict(batch)[0].cpu().numpy()
                 indices = resolve_targets(model.meta, probabilities, targets)
+                prepare_model(model)
                 panels: list[Panel] = []
                 for number, index in enumerate(indices):
                     context.check_cancelled()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from app.errors import MethodUnsupported
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo
 from visualizations.common import (as_model_input, captured_calls, check_finite, find_layer,
-                                   prepare_model, to_map, upsample)
+                                   to_map, upsample)
 from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
@@ -56,13 +56,11 @@ class ClassActivationMap(LayerVisualization):
                    "layer. Signed: the map's mean (plus the bias) is the class score.")
     reference = "https://arxiv.org/abs/1512.04150"
     Params = CamParams
-    signed = True
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: CamParams, context: RunContext) -> Attribution:
         import torch
 
-        prepare_model(model)
         context.check_cancelled()
         features, head, where = cam_features(model.module, batch, params.layer)
         weights = head.weight[target.index].float()                          # (K,)

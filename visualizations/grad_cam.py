@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from app.errors import MethodUnsupported
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo, param
 from visualizations.common import (ObservedForward, as_model_input, check_finite, find_layer,
-                                   prepare_model, to_map, upsample)
+                                   to_map, upsample)
 from visualizations.layer_choice import LayerVisualization, layer_param
 
 if TYPE_CHECKING:
@@ -103,11 +103,9 @@ class GradCamMap(LayerVisualization):
                    "maps weighted by the average gradient of the score, upsampled to the image.")
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GradCamParams
-    signed = False
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: GradCamParams, context: RunContext) -> Attribution:
-        prepare_model(model)
         inputs = as_model_input(batch.detach().clone())
         values = grad_cam_map(model, inputs, target.index, params.layer, params.relu, context)
         return Attribution((Panel(f"Grad-CAM for {target.label} at {params.layer}",

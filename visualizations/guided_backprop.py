@@ -74,15 +74,15 @@ def require_guided_activations(module: "torch.nn.Module") -> list["torch.nn.Modu
 
 
 @contextlib.contextmanager
-def guided(module: "torch.nn.Module") -> Iterator[int]:
-    """Guide every activation module of ``module`` while the block runs (yields how many);
-    the hooks are removed when it ends, even on errors."""
+def guided(module: "torch.nn.Module") -> Iterator[None]:
+    """Guide every activation module of ``module`` while the block runs; the hooks are removed
+    when it ends, even on errors."""
     activations = require_guided_activations(module)
     handles = []
     try:
         for activation in activations:
             handles.append(activation.register_forward_pre_hook(_guide_input))
-        yield len(activations)
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo
-from visualizations.common import as_model_input, prepare_model, to_map
+from visualizations.common import as_model_input, to_map
 from visualizations.grad_cam import grad_cam_map
 from visualizations.guided_backprop import guided_gradients, require_guided_activations
 from visualizations.layer_choice import LayerVisualization, layer_param
@@ -41,7 +41,6 @@ class GuidedGradCamMap(LayerVisualization):
                    "pixel-sharp detail of what raises the class score.")
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GuidedGradCamParams
-    signed = False
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return 2
@@ -49,7 +48,6 @@ class GuidedGradCamMap(LayerVisualization):
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: GuidedGradCamParams, context: RunContext) -> Attribution:
         require_guided_activations(model.module)    # refuse before spending the Grad-CAM pass
-        prepare_model(model)
         inputs = as_model_input(batch.detach().clone())
         cam = grad_cam_map(model, inputs, target.index, params.layer, relu=True,
                            context=context)                         # (1, 1, H, W)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization, param
 from visualizations.batching import call_with_oom_fallback, choose_batch_size
 from visualizations.common import (ObservedForward, as_model_input, blurred, pixel_values,
-                                   prepare_model, quiet_captum, to_map)
+                                   quiet_captum, to_map)
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,6 @@ class IntegratedGradientsMap(Visualization):
                    "Signed: red raises the score, blue lowers it.")
     reference = "https://arxiv.org/abs/1703.01365"
     Params = IntegratedGradientsParams
-    signed = True
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return params.steps
@@ -69,7 +68,6 @@ class IntegratedGradientsMap(Visualization):
                 params: IntegratedGradientsParams, context: RunContext) -> Attribution:
         from captum.attr import IntegratedGradients
 
-        prepare_model(model)
         inputs = as_model_input(batch.detach().clone())
         baseline = as_model_input(make_baseline(params.baseline, model.meta, inputs))
         forward = ObservedForward(model.module, context, params.steps)

@@ -26,7 +26,7 @@ from app.errors import BadParameter
 from visualizations.base import (AUTO, Attribution, Panel, RunContext, TargetInfo, Visualization,
                                  param)
 from visualizations.batching import choose_batch_size, for_each_batch
-from visualizations.common import as_model_input, blurred, check_finite, pixel_values, prepare_model
+from visualizations.common import as_model_input, blurred, check_finite, pixel_values
 
 if TYPE_CHECKING:
     import torch
@@ -87,7 +87,6 @@ def occluded_probabilities(model: "LoadedModel", inputs: "torch.Tensor",
     """
     import torch
 
-    prepare_model(model)
     height, width = size
     results = np.empty((len(windows), len(classes)), dtype=np.float64)
     class_index = torch.tensor(classes, device=inputs.device)
@@ -133,7 +132,6 @@ class OcclusionMap(Visualization):
                    "it helps.")
     reference = "https://arxiv.org/abs/1311.2901"
     Params = OcclusionParams
-    signed = True
 
     def resolve(self, params: Any, meta: "ModelMeta") -> OcclusionParams:
         return resolve_window(params, meta)

@@ -73,7 +73,6 @@ class PartialOcclusionMap(Visualization):
                    "image takes the class away.")
     reference = "https://arxiv.org/abs/1311.2901"
     Params = PartialOcclusionParams
-    signed = False
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return 1 + params.positions ** 2

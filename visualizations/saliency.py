@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization, param
 from visualizations.batching import call_with_oom_fallback, choose_batch_size
-from visualizations.common import (ObservedForward, as_model_input, prepare_model, quiet_captum,
+from visualizations.common import (ObservedForward, as_model_input, quiet_captum,
                                    seeded, to_map)
 
 if TYPE_CHECKING:
@@ -42,7 +42,6 @@ class SaliencyMap(Visualization):
                    "noisy copies for a cleaner map.")
     reference = "https://arxiv.org/abs/1312.6034"
     Params = SaliencyParams
-    signed = False
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return max(1, params.smoothgrad_samples)
@@ -51,7 +50,6 @@ class SaliencyMap(Visualization):
                 params: SaliencyParams, context: RunContext) -> Attribution:
         from captum.attr import NoiseTunnel, Saliency
 
-        prepare_model(model)
         inputs = as_model_input(batch.detach().clone())
         samples = params.smoothgrad_samples
         forward = ObservedForward(model.module, context, max(1, samples))

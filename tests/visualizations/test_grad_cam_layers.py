@@ -77,20 +77,24 @@ def test_swin_gets_grad_cam_and_exact_cam_on_its_feature_map() -> None:
     assert np.isfinite(cam.values).all() and np.abs(cam.values).max() > 0
 
 
+def assert_equals_captums_layer_grad_cam(model, image: torch.Tensor, target: int, layer: str,
+                                         relu: bool) -> None:
+    from captum.attr import LayerGradCam
+
+    ours = grad_cam_map(model, image, target, layer, relu, RunContext())
+    coarse = LayerGradCam(model.module, dict(model.module.named_modules())[layer]).attribute(
+        image.clone().requires_grad_(True), target=target, relu_attributions=relu)
+    theirs = upsample(coarse.detach().float(), tuple(image.shape[-2:]))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("layer", ["features.0", "features.2", "features.4", "features"])
 @pytest.mark.parametrize("relu", [True, False])
 def test_feature_map_grad_cam_equals_captums_layer_grad_cam(layer: str, relu: bool) -> None:
-    from captum.attr import LayerGradCam
-
     torch.manual_seed(0)
     model = wrap(TinyCnn().eval())
-    image = torch.randn(1, 3, 32, 32)
-    ours = grad_cam_map(model, image, 2, layer, relu, RunContext())
-    coarse = LayerGradCam(model.module, dict(model.module.named_modules())[layer]).attribute(
-        image.clone().requires_grad_(True), target=2, relu_attributions=relu)
-    theirs = upsample(coarse.detach().float(), (32, 32))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert_equals_captums_layer_grad_cam(model, torch.randn(1, 3, 32, 32), 2, layer, relu)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -98,19 +102,12 @@ def test_feature_map_grad_cam_equals_captums_layer_grad_cam(layer: str, relu: bo
 def test_layers_followed_by_in_place_ops_still_equal_captum(layer: str) -> None:
     """resnet18's ``bn2`` output is changed in place (``out += identity``, ``relu_``): the
     activations must be taken before that, as captum does."""
-    from captum.attr import LayerGradCam
-
     from visualizations.common import prepare_model
 
     torch.manual_seed(0)
     model = wrap(torchvision.models.resnet18(num_classes=3).eval(), side=64)
     prepare_model(model)                                  # channels-last, as in a real run
-    image = torch.randn(1, 3, 64, 64)
-    ours = grad_cam_map(model, image, 1, layer, False, RunContext())
-    coarse = LayerGradCam(model.module, dict(model.module.named_modules())[layer]).attribute(
-        image.clone().requires_grad_(True), target=1, relu_attributions=False)
-    theirs = upsample(coarse.detach().float(), (64, 64))
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert_equals_captums_layer_grad_cam(model, torch.randn(1, 3, 64, 64), 1, layer, False)
 
 
 class NoGradBackbone(torch.nn.Module):
