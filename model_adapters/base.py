@@ -28,7 +28,7 @@ class ModelMeta:
     num_classes: int
     input_size: tuple[int, int]          # (H, W) the model sees
     channels: int                        # 1 or 3
-    mean: tuple[float, ...]
+    mean: tuple[float, ...]              # one value per channel (loading.py expands them)
     std: tuple[float, ...]
     resize: int                          # shorter side before the center crop; 0 = plain resize
     class_names: tuple[str, ...]
@@ -40,6 +40,13 @@ class ModelMeta:
     sha256: str
     mtime: float
     adapter: str
+
+    def normalization(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """``(mean, std)`` as float32 ``(1, C, 1, 1)`` CPU tensors, to broadcast over a batch."""
+        import torch
+
+        return (torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1),
+                torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def class_index(self, target: int | str) -> int:
         """Resolve a class given by index (int or digit string) or by exact label."""
@@ -110,8 +117,7 @@ class LoadedModel:
         arrays = [np.asarray(view, dtype=np.float32) / 255.0 for view in views]
         batch = torch.from_numpy(np.stack(arrays))
         batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
-        mean = torch.tensor(self.meta.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.meta.std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean, std = self.meta.normalization()
         return ((batch - mean) / std).contiguous().to(self.device)
 
     def preprocess(self, images: Sequence["Image.Image"]) -> "torch.Tensor":

@@ -55,27 +55,14 @@ def as_model_input(batch: "torch.Tensor") -> "torch.Tensor":
 
 def pixel_values(meta: "ModelMeta", batch: "torch.Tensor", value: float) -> "torch.Tensor":
     """The normalized tensor (1, C, 1, 1) of a raw pixel value in [0, 1] (0 = black)."""
-    import torch
-
-    channels = batch.shape[1]
-    mean = torch.tensor(_per_channel(meta.mean, channels), dtype=batch.dtype, device=batch.device)
-    std = torch.tensor(_per_channel(meta.std, channels), dtype=batch.dtype, device=batch.device)
-    return ((value - mean) / std).view(1, channels, 1, 1)
-
-
-def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
-    values = tuple(values) or (0.0,)
-    return list(values) * channels if len(values) == 1 else list(values[:channels])
+    mean, std = (part.to(dtype=batch.dtype, device=batch.device) for part in meta.normalization())
+    return (value - mean) / std
 
 
 def model_view_rgb(meta: "ModelMeta", batch: "torch.Tensor") -> np.ndarray:
     """Undo normalization of the first image: uint8 (H, W, 3) as the model sees it."""
-    import torch
-
-    channels = batch.shape[1]
-    mean = torch.tensor(_per_channel(meta.mean, channels), dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(_per_channel(meta.std, channels), dtype=torch.float32).view(-1, 1, 1)
-    image = (batch[0].detach().float().cpu() * std + mean).clamp(0, 1)
+    mean, std = meta.normalization()
+    image = (batch[0].detach().float().cpu() * std[0] + mean[0]).clamp(0, 1)
     array = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
 
