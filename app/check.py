@@ -44,19 +44,14 @@ def check_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def checkpoint_record(entry: CatalogEntry) -> dict[str, Any]:
-    """One checkpoint as in ``convscope check --json``."""
+    """One checkpoint as in ``convscope check --json``: the API's model record without its
+    opaque id and mtime, plus what a check reports besides."""
+    record = entry.to_dict()
+    del record["id"], record["modified"]
     meta = entry.meta
-    return {
-        "file": entry.file, "ok": entry.ok, "latest": entry.latest,
-        "architecture": meta.architecture if meta else None,
-        "num_classes": meta.num_classes if meta else None,
-        "input_size": [meta.channels, *meta.input_size] if meta else None,
-        "cam_layer": meta.default_cam_layer if meta else None,
-        "parameters": meta.parameters if meta else None,
-        "sha256": entry.sha256,
-        "error": {"code": entry.error.code, "message": entry.error.message}
-        if entry.error is not None else None,
-    }
+    record.update(cam_layer=meta.default_cam_layer if meta else None,
+                  parameters=meta.parameters if meta else None, sha256=entry.sha256)
+    return record
 
 
 def _print_table(out: TextIO, directory: Path, rows: list[dict[str, Any]]) -> None:

@@ -67,9 +67,8 @@ def init_config(app: Flask, settings: Settings) -> None:
         SESSION_COOKIE_SECURE=settings.secure_cookies,
         SESSION_COOKIE_NAME="convscope_session",
         PERMANENT_SESSION_LIFETIME=datetime.timedelta(hours=settings.session_hours),
-        JSON_SORT_KEYS=False,
     )
-    app.json.sort_keys = False
+    app.json.sort_keys = False      # keep our key order (Flask 3 has no JSON_SORT_KEYS config)
     _warn_about_deployment(settings)
 
 

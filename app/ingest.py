@@ -65,7 +65,6 @@ _PARSERS: dict[str, type[ImageFile.ImageFile]] = {
     "GIF": GifImagePlugin.GifImageFile,
     "TIFF": TiffImagePlugin.TiffImageFile,
 }
-ALLOWED_FORMATS = tuple(_PARSERS)
 
 _TIFF_PREFIXES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _BMP_DIB_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
@@ -91,7 +90,7 @@ class IngestedImage:
     width: int
     height: int
     filename: str               # safe display name, never a path
-    source_format: str          # one of ALLOWED_FORMATS
+    source_format: str          # a key of _PARSERS
 
 
 def ingest_image(data: bytes, filename: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -13,6 +13,7 @@ is gone is shown as cancelled ("the server stopped").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -27,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from app.errors import (Busy, Cancelled, ConvscopeError, Internal, NotFound, ResultExpired,
-                        UnknownModel)
+from app.errors import (BadParameter, Busy, Cancelled, ConvscopeError, Internal, NotFound,
+                        ResultExpired, UnknownModel)
 from app.stores import (DirectoryIndex, ImageStore, ResultStore, Tombstones,
                         atomic_write_bytes, atomic_write_json, canonical_json, result_key)
 
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
 PREDICTED = "predicted"
-OVERLAY_OPACITY = 0.5
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -94,6 +94,19 @@ class JobSpec:
                    methods=tuple(MethodRequest(m["name"], m["params"], m["cost"])
                                  for m in data["methods"]),
                    targets=tuple(data["targets"]), true_labels=dict(data["true_labels"]))
+
+
+def target_spec(meta: "ModelMeta", raw: Any) -> int | str:
+    """One requested target as a job keeps it: PREDICTED (it differs per image) or a checked
+    class index, from an index or a label. Shared by job requests and ``convscope visualize``."""
+    from visualizations.base import is_predicted
+
+    if is_predicted(raw):
+        return PREDICTED
+    if not isinstance(raw, (int, str)) or isinstance(raw, bool):
+        raise BadParameter("A target must be \"predicted\", a class index or a class label.",
+                           fields={"targets": "\"predicted\", a class index or a label"})
+    return meta.class_index(raw)
 
 
 def meta_fingerprint(meta: "ModelMeta") -> str:
@@ -518,11 +531,10 @@ class Executor:
     def _refresh_catalog(self) -> None:
         """Rescan the checkpoint directory here, in the device thread: a scan loads new files
         (a forward pass), which HTTP threads must not do."""
-        refresh = getattr(self.catalog, "refresh", None)
-        if refresh is None or self._stopping.is_set():
+        if self._stopping.is_set():
             return
         try:
-            refresh()
+            self.catalog.refresh()
         except Exception:  # noqa: BLE001 -- the next refresh tries again
             log.exception("rescanning the checkpoint directory failed")
 
@@ -628,7 +640,7 @@ class _JobRun:
             if self.job.cancel_event.is_set():
                 self._raise_cancelled()
             try:
-                outcome, view, batch, probabilities = self._predict(image_index, image_id)
+                outcome, inputs = self._predict(image_index, image_id)
             except ConvscopeError as error:
                 if self._job_level(error):
                     raise
@@ -637,7 +649,7 @@ class _JobRun:
             targets = self._targets(image_id, outcome)
             for method_index, method in enumerate(self.spec.methods):
                 self._run_item(self.job.item(image_index, method_index), image_id, method,
-                               targets, view, batch, probabilities)
+                               targets, inputs)
 
     def _raise_cancelled(self) -> None:
         raise Cancelled(_cancel_reason_text(self.executor.stopping))
@@ -651,7 +663,7 @@ class _JobRun:
 
     # prediction: top-k and the model view, cached like any result
 
-    def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, Any, Any, Any]:
+    def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, "_ImageInputs"]:
         import numpy as np
 
         store = self.executor.results
@@ -659,8 +671,10 @@ class _JobRun:
                          checkpoint=self.spec.checkpoint_sha256,
                          meta=self.spec.meta_fingerprint, top_k=self.executor.settings.top_k)
         stored = store.get(key)
-        batch = None
+        inputs = _ImageInputs(self, key)
         if stored is None:
+            from app.rendering import encode_png
+
             model = self.model()
             view = model.model_view(self.executor.images.open(image_id))
             batch = model.to_tensor([view])
@@ -669,26 +683,26 @@ class _JobRun:
             stored = store.put(key, {"kind": "prediction", "image": image_id,
                                      "checkpoint_sha256": self.spec.checkpoint_sha256,
                                      "predictions": top, "predicted": int(np.argmax(probabilities))},
-                               {"model_view.png": _png(view),
+                               {"model_view.png": encode_png(view),
                                 "probabilities.npy": _npy(probabilities.astype(np.float32))})
+            # Made already: the methods reuse them instead of reading them back.
+            inputs.view, inputs.batch, inputs.probabilities = view, batch, probabilities
             self._count(model_runs=1)
         else:
             store.touch(key)
-            view = _load_png(store.file(key, "model_view.png")[0])
-            probabilities = np.load(store.file(key, "probabilities.npy")[0], allow_pickle=False)
             self._count(cache_hits=1)
         true_index = self.spec.true_labels.get(image_id)
         true_label = None
         predicted = int(stored.record["predicted"])
         if true_index is not None:
             true_label = {"index": true_index, "label": self._class_name(true_index),
-                          "probability": float(probabilities[true_index])}
+                          "probability": float(inputs.probabilities[true_index])}
         outcome = ImageOutcome(key, predicted, list(stored.record["predictions"]), true_label,
                                failure=true_index is not None and true_index != predicted)
         with self.job.lock:
             self.job.images[image_index] = outcome
         self.executor.jobs.save(self.job)
-        return outcome, view, batch, probabilities
+        return outcome, inputs
 
     def _class_name(self, index: int) -> str:
         entry = self.executor.catalog.get(self.spec.model_id)
@@ -710,7 +724,7 @@ class _JobRun:
     # one image x one method
 
     def _run_item(self, item: JobItem, image_id: str, method: MethodRequest,
-                  targets: Sequence[int], view: Any, batch: Any, probabilities: Any) -> None:
+                  targets: Sequence[int], inputs: "_ImageInputs") -> None:
         if self.job.cancel_event.is_set():
             self._raise_cancelled()
         with self.job.lock:
@@ -724,8 +738,7 @@ class _JobRun:
                 stored = self.executor.results.get(key)
                 if stored is None:
                     progress = self._progress_callback(item, number, len(targets))
-                    stored = self._compute(key, image_id, method, target, view, batch,
-                                           probabilities, progress)
+                    stored = self._compute(key, image_id, method, target, inputs, progress)
                     self._count(model_runs=1)
                 else:
                     self.executor.results.touch(key)
@@ -775,23 +788,21 @@ class _JobRun:
             self.job.cancel_event.set()
         self.executor.jobs.save(self.job)
 
-    def _compute(self, key: str, image_id: str, method: MethodRequest, target: int, view: Any,
-                 batch: Any, probabilities: Any, progress: Callable[[float], None]):
+    def _compute(self, key: str, image_id: str, method: MethodRequest, target: int,
+                 inputs: "_ImageInputs", progress: Callable[[float], None]):
         from visualizations.base import RunContext
 
-        model = self.model()
-        if batch is None:
-            batch = model.to_tensor([view])
+        model = self.model()        # a load failure fails the job before any file is read
         visualization = self.executor.visualizations.get(method.name)
         params = visualization.parse_params(method.params, model.meta)
         context = RunContext(progress=progress, cancel_event=self.job.cancel_event,
                              batch_size=self.executor.settings.batch_size)
-        result = visualization.run(model, batch, [target], params, context,
-                                   probabilities=probabilities)
+        result = visualization.run(model, inputs.batch, [target], params, context,
+                                   probabilities=inputs.probabilities)
         files: dict[str, bytes] = {}
         panels = []
         for number, panel in enumerate(result.panels):
-            panels.append(_store_panel(number, panel, view, files))
+            panels.append(_store_panel(number, panel, inputs.view, files))
         record = {"kind": "visualization", "image": image_id, "method": method.name,
                   "title": visualization.title, "params": result.params,
                   "checkpoint_sha256": self.spec.checkpoint_sha256, "target": target,
@@ -804,31 +815,55 @@ class _JobRun:
             self.job.cache_hits += cache_hits
 
 
+class _ImageInputs:
+    """What computing one image's visualizations needs -- the picture the model sees, its input
+    batch and the class probabilities -- each made on first use: an image whose results are all
+    in the store needs none of them, and the batch is built once for all methods and targets."""
+
+    def __init__(self, run: _JobRun, prediction_key: str) -> None:
+        self._run = run
+        self._prediction_key = prediction_key
+
+    def _file(self, name: str) -> Path:
+        return self._run.executor.results.file(self._prediction_key, name)[0]
+
+    @functools.cached_property
+    def view(self) -> "Image.Image":
+        return _load_png(self._file("model_view.png"))
+
+    @functools.cached_property
+    def probabilities(self) -> Any:
+        import numpy as np
+
+        return np.load(self._file("probabilities.npy"), allow_pickle=False)
+
+    @functools.cached_property
+    def batch(self) -> Any:
+        return self._run.model().to_tensor([self.view])
+
+
 def _store_panel(number: int, panel: Any, view: "Image.Image", files: dict[str, bytes]) -> dict:
     """Render one panel into ``files`` and describe it for result.json."""
     import numpy as np
+
+    from app.rendering import OVERLAY_OPACITY, render_panel
 
     prefix = f"panel-{number}"
     files[f"{prefix}-values.npy"] = _npy(np.asarray(panel.values))
     description = {"title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
                    "target": panel.target.to_dict() if panel.target is not None else None,
                    "files": {"array": f"{prefix}-values.npy"}}
+    rendered = render_panel(panel, view, OVERLAY_OPACITY)
     if panel.kind == "heatmap":
-        from app.rendering import render_panel
-
-        rendered = render_panel(panel, view, OVERLAY_OPACITY)
         files[f"{prefix}-overlay.png"] = rendered.overlay_png
         files[f"{prefix}-heatmap.png"] = rendered.heatmap_png
         description["files"].update(overlay=f"{prefix}-overlay.png",
                                     heatmap=f"{prefix}-heatmap.png")
-        low, high = rendered.value_range
     else:
-        from PIL import Image
-
-        files[f"{prefix}-image.png"] = _png(Image.fromarray(np.asarray(panel.values,
-                                                                       dtype=np.uint8)))
+        # An image panel comes back as it is, in both slots: stored once.
+        files[f"{prefix}-image.png"] = rendered.heatmap_png
         description["files"].update(image=f"{prefix}-image.png")
-        low, high = panel.value_range
+    low, high = rendered.value_range
     description["value_range"] = [float(low), float(high)]
     return description
 
@@ -837,12 +872,6 @@ def _as_tensor(array: Any) -> Any:
     import torch
 
     return torch.from_numpy(array)
-
-
-def _png(image: "Image.Image") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _load_png(path: Path) -> "Image.Image":

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 UNSIGNED_COLORMAP = "inferno"
 SIGNED_COLORMAP = "RdBu_r"
+OVERLAY_OPACITY = 0.5           # of the map over the picture, in stored and reported overlays
 
 
 @dataclass(frozen=True)

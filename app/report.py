@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TOP_K = 5
-OVERLAY_OPACITY = 0.5
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 
@@ -206,15 +205,9 @@ def parse_method_requests(raw: dict[str, dict[str, str]],
 
 def parse_targets(targets: Sequence[str] | None, model: "LoadedModel") -> list[int | str]:
     """``predicted`` stays symbolic (it differs per image); indices and labels are checked."""
-    from visualizations.base import is_predicted
+    from app.jobs import PREDICTED, target_spec
 
-    parsed: list[int | str] = []
-    for target in targets or ["predicted"]:
-        if is_predicted(target):
-            parsed.append("predicted")
-        else:
-            parsed.append(model.meta.class_index(target))
-    return parsed
+    return [target_spec(model.meta, target) for target in targets or [PREDICTED]]
 
 
 # --- running and writing ------------------------------------------------------------------------
@@ -226,7 +219,7 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     the HTML page needs)."""
     import numpy as np
 
-    from app.rendering import encode_png, legend_stops, render_panel
+    from app.rendering import OVERLAY_OPACITY, encode_png, legend_stops, render_panel
 
     view = model.model_view(image)
     batch = model.to_tensor([view])

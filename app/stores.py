@@ -249,6 +249,9 @@ class _IndexedStore:
     def _remove(self, path: Path) -> None:
         raise NotImplementedError
 
+    def exists(self, entry_id: str) -> bool:
+        return self._index.lookup(entry_id) is not None
+
     def touch(self, entry_id: str) -> None:
         """Mark an entry as in use (a job needs or reused it), so eviction takes it last."""
         path = self._index.lookup(entry_id)
@@ -337,9 +340,6 @@ class ImageStore(_IndexedStore):
             except OSError:
                 raise self._missing(image_id) from None     # evicted meanwhile
 
-    def exists(self, image_id: str) -> bool:
-        return self._index.lookup(image_id) is not None
-
     def png_path(self, image_id: str) -> Path:
         path = self._index.lookup(image_id)
         if path is None:
@@ -407,21 +407,18 @@ class ResultStore(_IndexedStore):
     def __init__(self, root: Path) -> None:
         super().__init__(root, "", is_dir=True)
 
-    def _read(self, key: str) -> tuple[Path, StoredResult] | None:
-        """(directory, stored result) of ``key``; None when unknown, evicted or unreadable."""
-        directory = self._index.lookup(key)
-        if directory is None:
-            return None
+    def _read(self, key: str, directory: Path) -> StoredResult | None:
+        """The result stored in ``directory``; None when unreadable (or evicted meanwhile)."""
         try:
             record = json.loads((directory / self.RECORD).read_text("utf-8"))
         except (OSError, ValueError):
             log.warning("result %s is unreadable; ignoring it", key[:12])
             return None
-        return directory, StoredResult(key, record)
+        return StoredResult(key, record)
 
     def get(self, key: str) -> StoredResult | None:
-        found = self._read(key)
-        return found[1] if found is not None else None
+        directory = self._index.lookup(key)
+        return self._read(key, directory) if directory is not None else None
 
     def put(self, key: str, record: Mapping[str, Any], files: Mapping[str, bytes]) -> StoredResult:
         """Store ``files`` and ``record`` (which gets ``files`` and ``key`` added) under ``key``.
@@ -457,13 +454,14 @@ class ResultStore(_IndexedStore):
     def file(self, key: str, name: str) -> tuple[Path, str]:
         """(path, mimetype) of one file of a result; only names listed in its record exist.
         An evicted result raises ResultExpired (410), an unknown one NotFound."""
-        found = self._read(key)
-        if found is None:
-            if self.expired(key):
-                raise ResultExpired("This result has expired and was removed; run the job "
-                                    "again to compute it anew.")
+        # Looked up once (a miss lists the whole directory), not again through expired().
+        directory = self._index.lookup(key)
+        if directory is None and key in self.tombstones:
+            raise ResultExpired("This result has expired and was removed; run the job "
+                                "again to compute it anew.")
+        stored = self._read(key, directory) if directory is not None else None
+        if stored is None:
             raise NotFound("This result file does not exist.")
-        directory, stored = found
         # Only names the record lists, which put() checked against _RESULT_FILE: checked again
         # here, so a name from a URL joins the result's directory only as a plain file name.
         if ((name not in stored.files and name != self.RECORD)

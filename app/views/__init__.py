@@ -21,11 +21,11 @@ CATALOG_WAIT_S = 5.0
 
 def scanned_catalog(services: Any) -> Any:
     """The model catalog once the executor has scanned it; 503 ``E_NOT_READY`` until then."""
-    from app.http_errors import coded_error
+    from app.errors import NotReady
 
     if not services.executor.wait_for_catalog(CATALOG_WAIT_S):
-        raise coded_error("E_NOT_READY", 503, "The server is still scanning the checkpoint "
-                          "directory; try again shortly.", headers={"Retry-After": "2"})
+        raise NotReady("The server is still scanning the checkpoint directory; try again "
+                       "shortly.", headers={"Retry-After": "2"})
     return services.catalog
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
 
 from app import __version__
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, NotFound, NotReady
 from app.factory import services
 from app.http_errors import coded_error
 from app.views import scanned_catalog
@@ -37,11 +37,10 @@ def ready() -> Response:
     """Readiness: 503 until the catalog is scanned and the executor runs, and while stopping."""
     executor = _services().executor
     if executor.stopping:
-        raise coded_error("E_NOT_READY", 503, "The server is shutting down.",
-                          headers={"Retry-After": "5"})
+        raise NotReady("The server is shutting down.", headers={"Retry-After": "5"})
     if not executor.ready:
-        raise coded_error("E_NOT_READY", 503, "The server is starting; try again shortly.",
-                          headers={"Retry-After": "1"})
+        raise NotReady("The server is starting; try again shortly.",
+                       headers={"Retry-After": "1"})
     return jsonify(status="ready", queued=executor.queued())
 
 

@@ -9,13 +9,11 @@ import json
 from typing import TYPE_CHECKING, Any, Mapping
 
 from app.errors import BadParameter, BadRequest, MethodUnsupported, TooExpensive, UnknownModel
-from app.jobs import PREDICTED, JobSpec, MethodRequest, meta_fingerprint
+from app.jobs import PREDICTED, JobSpec, MethodRequest, meta_fingerprint, target_spec
 from app.stores import ImageStore, canonical_json
-from visualizations.base import is_predicted
 
 if TYPE_CHECKING:
     from app.settings import Settings
-    from model_adapters.base import ModelMeta
 
 
 def _limited_list(payload: Mapping[str, Any], name: str, limit: int, *,
@@ -29,15 +27,6 @@ def _limited_list(payload: Mapping[str, Any], name: str, limit: int, *,
         raise BadRequest(f"{name!r} has {len(value)} entries; at most {limit} are allowed.",
                          fields={name: f"at most {limit} entries"})
     return value
-
-
-def _target_spec(meta: "ModelMeta", raw: Any) -> int | str:
-    if is_predicted(raw):
-        return PREDICTED
-    if not isinstance(raw, (int, str)) or isinstance(raw, bool):
-        raise BadParameter("A target must be \"predicted\", a class index or a class label.",
-                           fields={"targets": "\"predicted\", a class index or a label"})
-    return meta.class_index(raw)
 
 
 def _display_names(raw: Any, image_ids: list[Any]) -> dict[str, str]:
@@ -122,7 +111,7 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
     targets: list[int | str] = []
     for raw in _limited_list(payload, "targets", settings.max_targets_per_job,
                              required=False) or [PREDICTED]:
-        spec = _target_spec(meta, raw)
+        spec = target_spec(meta, raw)
         if spec not in targets:
             targets.append(spec)
 

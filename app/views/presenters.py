@@ -66,7 +66,9 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
     expired = False
     for image_index, image_id in enumerate(spec.images):
         outcome = record["images"].get(str(image_index))
-        prediction = services.results.get(outcome["prediction_key"]) if outcome else None
+        # Only its key is shown: a lookup, not a read of result.json on every poll.
+        prediction_key = outcome["prediction_key"] if outcome else None
+        has_view = prediction_key is not None and services.results.exists(prediction_key)
         visualizations = []
         for method_index, method in enumerate(spec.methods):
             item = items[image_index * per_method + method_index]
@@ -92,8 +94,8 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
         results.append({
             "image": image_id, "filename": spec.filenames[image_index],
             "image_url": url_for("api.image", image_id=image_id),
-            "model_view_url": url_for("api.result_file", key=prediction.key,
-                                      name="model_view.png") if prediction else None,
+            "model_view_url": url_for("api.result_file", key=prediction_key,
+                                      name="model_view.png") if has_view else None,
             "true_label": outcome["true_label"] if outcome else None,
             "failure": bool(outcome and outcome["failure"]),
             "predictions": outcome["predictions"] if outcome else [],

@@ -11,8 +11,8 @@ from app.stores import ImageRecord, ImageStore
 UPLOAD_FIELD = "image"
 
 
-def store_uploads(files: Sequence[FileStorage], images: ImageStore, *, max_files: int,
-                  required: bool = True) -> list[ImageRecord]:
+def store_uploads(files: Sequence[FileStorage], images: ImageStore, *,
+                  max_files: int) -> list[ImageRecord]:
     """Ingest and store every file; the first bad file fails the request, naming its position
     (the files before it are stored, which is harmless: storage is by content)."""
     from app.ingest import ingest_image
@@ -24,8 +24,6 @@ def store_uploads(files: Sequence[FileStorage], images: ImageStore, *, max_files
     uploads = [(f.filename or "", f.read()) for f in files]
     uploads = [(name, data) for name, data in uploads if name or data]
     if not uploads:
-        if not required:
-            return []
         raise BadRequest(f"No file was uploaded in the form field {UPLOAD_FIELD!r}.",
                          fields={UPLOAD_FIELD: "one or more image files"})
     records = []
