@@ -9,7 +9,7 @@ STAMP := $(VENV)/.convscope-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench clean
 
 install: $(STAMP)
 

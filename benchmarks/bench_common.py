@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark scripts: model setup, best-of timing, ratio printing.
+"""Shared helpers for the benchmark scripts: model setup, timing, ratio printing.
 
 Benchmarks print ratios measured side by side in one run; absolute times on a shared CPU are
 noise, ratios much less so. Weights are random (no downloads): speed does not depend on them.
@@ -76,20 +76,19 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_time(function: Callable[[], object], repeats: int, device: str, *,
-              warmup: bool = True) -> float:
-    """Best wall time in seconds of ``repeats`` calls, after one warm-up call (skip it for long
-    runs once the process is warm)."""
-    if warmup:
-        function()
-        synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return best
+def wall_seconds(function: Callable[[], object], device: str) -> float:
+    """Wall time of one call, until the device has finished its work. No warm-up and no
+    repeats here: the callers interleave their rows round by round and keep each row's best,
+    so a busy moment on the shared CPU hurts every row alike."""
+    started = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def resolved_params(visualization, raw: dict, meta):
+    """``raw`` parsed and resolved for ``meta``, as a job does before it runs a method."""
+    return visualization.resolve(visualization.parse_params(raw, meta), meta)
 
 
 def print_header(title: str, args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from bench_common import best_time, parse_args, prepared_model_and_target, print_header, print_row
+from bench_common import (parse_args, prepared_model_and_target, print_header, print_row,
+                          resolved_params, wall_seconds)
 
 IG_STEPS, SMOOTHGRAD_SAMPLES = 32, 16
 
@@ -39,7 +40,7 @@ def main() -> None:
 
     def method(name: str, raw: dict) -> tuple:
         visualization = visualization_registry.get(name)
-        params = visualization.resolve(visualization.parse_params(raw, model.meta), model.meta)
+        params = resolved_params(visualization, raw, model.meta)
 
         def compute() -> None:
             visualization.compute(model, inputs, target, params, RunContext())
@@ -65,7 +66,7 @@ def main() -> None:
         function()  # warm-up
     for _ in range(repeats):
         for name, function in timed.items():
-            best[name] = min(best[name], best_time(function, 1, args.device, warmup=False))
+            best[name] = min(best[name], wall_seconds(function, args.device))
     per_image = min(best["batched_8"] / 8, best["batched_16"] / 16)
     single = best["single"]
 

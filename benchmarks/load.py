@@ -62,7 +62,6 @@ class GunicornServer:
     process: subprocess.Popen
     base_url: str
     log_path: Path
-    data_dir: Path
 
     @property
     def master_pid(self) -> int:
@@ -79,14 +78,14 @@ class GunicornServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 90.0, path: str = "/api/v1/ready") -> None:
+    def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {self.process.returncode}:\n"
                                    f"{self.log()[-3000:]}")
             with contextlib.suppress(requests.RequestException):
-                if requests.get(self.base_url + path, timeout=2).status_code == 200:
+                if requests.get(self.base_url + "/api/v1/ready", timeout=2).status_code == 200:
                     return
             time.sleep(0.25)
         raise RuntimeError(f"gunicorn not ready after {timeout} s:\n{self.log()[-3000:]}")
@@ -108,10 +107,15 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
                     ready_timeout: float = 90.0) -> Iterator[GunicornServer]:
     """Start gunicorn (demo model unless env names a checkpoint dir) and stop it afterwards."""
     with contextlib.ExitStack() as stack:
-        if data_dir is None:
-            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convscope-")))
         port = free_port()
-        log_path = data_dir.parent / f"gunicorn-{port}.log"
+        if data_dir is None:
+            # One temporary root for the data and the log, so both go when the server does.
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convscope-")))
+            data_dir, log_path = root / "data", root / f"gunicorn-{port}.log"
+            data_dir.mkdir()
+        else:
+            # A caller's data dir is the app's alone: the log goes beside it.
+            log_path = data_dir.parent / f"gunicorn-{port}.log"
         environ = {**os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
                    "CONVSCOPE_DATA_DIR": str(data_dir), "CONVSCOPE_DEVICE": "cpu",
                    "CONVSCOPE_ACCESS_LOG": "0", "CONVSCOPE_TORCH_THREADS":
@@ -120,7 +124,7 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")],
             cwd=ROOT, env=environ, stdout=log_file, stderr=subprocess.STDOUT)
-        server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path, data_dir)
+        server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
         try:
             server.wait_ready(ready_timeout)
             yield server

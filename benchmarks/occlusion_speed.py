@@ -15,12 +15,10 @@ Compares, for one 224x224 image, window 16 and stride 8 (27 x 27 = 729 windows):
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from bench_common import (best_time, fresh_module, parse_args, prepared_model_and_target,
-                          print_header, print_row, synchronize)
+from bench_common import (fresh_module, parse_args, prepared_model_and_target, print_header,
+                          print_row, resolved_params, synchronize, wall_seconds)
 
 WINDOW, STRIDE = 16, 8
 
@@ -41,7 +39,7 @@ def forward_seconds_per_image(model, inputs: torch.Tensor, images: int, batch_si
             for _ in range(batches):
                 model.module(copies)
 
-    return best_time(forward, 1, device, warmup=False) / (batches * batch_size)
+    return wall_seconds(forward, device) / (batches * batch_size)
 
 
 def main() -> None:
@@ -55,12 +53,11 @@ def main() -> None:
     model, inputs, target = prepared_model_and_target(args)
     index = target.index
     occlusion = visualization_registry.get("occlusion")
-    params = occlusion.resolve(occlusion.parse_params({"window": WINDOW, "stride": STRIDE},
-                                                      model.meta), model.meta)
+    params = resolved_params(occlusion, {"window": WINDOW, "stride": STRIDE}, model.meta)
     windows = occlusion.cost(params, model.meta) - 1
     partial = visualization_registry.get("partial_occlusion")
-    partial_params = partial.parse_params({"positions": 27, "window_fraction": WINDOW / 224,
-                                           "top_k": 3}, model.meta)
+    partial_params = resolved_params(partial, {"positions": 27, "window_fraction": WINDOW / 224,
+                                               "top_k": 3}, model.meta)
     print(f"# windows={windows} (window {WINDOW}, stride {STRIDE})")
 
     def ours() -> None:
@@ -90,9 +87,9 @@ def main() -> None:
         return windows * min(per_image.values())
 
     runs = {"bound": bound,
-            "ours": lambda: best_time(ours, 1, args.device, warmup=False),
-            "partial": lambda: best_time(ours_partial, 1, args.device, warmup=False),
-            "captum_batched": lambda: best_time(captum_batched, 1, args.device, warmup=False)}
+            "ours": lambda: wall_seconds(ours, args.device),
+            "partial": lambda: wall_seconds(ours_partial, args.device),
+            "captum_batched": lambda: wall_seconds(captum_batched, args.device)}
     results = {name: float("inf") for name in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
@@ -101,12 +98,10 @@ def main() -> None:
     # captum as users call it: one perturbation per forward, input requiring grad.
     user_module = fresh_module(args.model, args.device)
     user_input = inputs.clone().requires_grad_(True)
-    synchronize(args.device)
-    started = time.perf_counter()
-    Occlusion(user_module).attribute(user_input, sliding_window_shapes=(3, WINDOW, WINDOW),
-                                     strides=(3, STRIDE, STRIDE), baselines=0.0, target=index)
-    synchronize(args.device)
-    captum_default = time.perf_counter() - started
+    synchronize(args.device)   # setting up the model and input above is not captum's time
+    captum_default = wall_seconds(lambda: Occlusion(user_module).attribute(
+        user_input, sliding_window_shapes=(3, WINDOW, WINDOW), strides=(3, STRIDE, STRIDE),
+        baselines=0.0, target=index), args.device)
 
     bound = results["bound"]
     best_size = min(per_image, key=per_image.get)

@@ -9,10 +9,10 @@ unless ``CONVSCOPE_REQUIRE_BROWSER=1`` (CI) makes that a failure.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,8 +22,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import pytest
+from PIL import Image
+
+from benchmarks.load import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+# The walk through the product that the Chromium and Firefox tests share.
+CAT_PHOTO = ROOT / "demo" / "images" / "chelsea.jpg"
+CAT_CLASSES = range(281, 286)       # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking"]
@@ -69,10 +79,20 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def page_problems(page) -> list[str]:
+    """A list that collects the page's console errors and uncaught exceptions from now on."""
+    problems: list[str] = []
+    page.on("console", lambda message: message.type == "error"
+            and problems.append(f"console: {message.text}"))
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    return problems
+
+
+def png_payload() -> bytes:
+    """A real photo (the demo's coffee cup) as PNG bytes: the upload behind HOSTILE_NAME."""
+    buffer = io.BytesIO()
+    Image.open(ROOT / "demo" / "images" / "coffee.jpg").convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def http_status(url: str) -> int:

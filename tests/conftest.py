@@ -13,6 +13,22 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["CONVSCOPE_TORCH_THREADS"]))
 
 
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium for the browser tests in tests/web and tests/security: one launch per
+    run, as each test opens its own page or context. Skips (fails under
+    CONVSCOPE_REQUIRE_BROWSER=1) when Playwright or Chromium is missing."""
+    from tests.browser import browser_or_skip, launch_chromium   # only when a test asks
+
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.browser import free_port
+from benchmarks.load import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

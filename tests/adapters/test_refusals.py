@@ -2,12 +2,10 @@
 code never runs without the opt-in."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from app.catalog import ModelCatalog
 from app.errors import CheckpointNeedsTrust
@@ -16,12 +14,7 @@ from model_adapters.checkpoint_file import FileKind, inspect_file
 from model_adapters.config import read_config
 from tests.adapters.conftest import (CPU, TinyNet, logits, probe_batch, small_torchvision_model,
                                      tiny_net, write_canary_pickle, write_canary_zip)
-
-
-def _png_bytes() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.service.images import encode, solid
 
 
 def _write_broken_files(directory: Path) -> dict[str, str]:
@@ -34,7 +27,7 @@ def _write_broken_files(directory: Path) -> dict[str, str]:
     data = (directory / "good.pt").read_bytes()
     (directory / "truncated.pt").write_bytes(data[: len(data) // 2])
     (directory / "notes.pt").write_text("these are not weights\n")
-    (directory / "photo.pth").write_bytes(_png_bytes())
+    (directory / "photo.pth").write_bytes(encode(solid((8, 8)), "PNG"))
     (directory / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     torch.save({"conv.weight": torch.zeros(3, 3)}, directory / "unknown_architecture.pt")
     nan_state = good.state_dict()

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config
 
+from benchmarks.load import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "gunicorn.conf.py"
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -209,12 +211,7 @@ def test_healthcheck_url(healthcheck, bind, url):
 
 
 def test_healthcheck_fails_when_nothing_listens(healthcheck, monkeypatch):
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("CONVSCOPE_BIND", f"127.0.0.1:{port}")
+    monkeypatch.setenv("CONVSCOPE_BIND", f"127.0.0.1:{free_port()}")
     assert healthcheck.main() == 1
 
 

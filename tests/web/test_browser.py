@@ -8,18 +8,12 @@ Set ``CONVSCOPE_UPDATE_SCREENSHOT=1`` to refresh ``docs/screenshot-results.png``
 """
 from __future__ import annotations
 
-import io
 import os
 
 import pytest
-from PIL import Image
 
-from tests.browser import ROOT, browser_or_skip, launch_chromium, running_server
-
-CAT_PHOTO = ROOT / "demo" / "images" / "chelsea.jpg"
-HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
-CAT_CLASSES = range(281, 286)       # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
-ARTIFACTS = ROOT / "test-artifacts"
+from tests.browser import (ARTIFACTS, CAT_CLASSES, CAT_PHOTO, HOSTILE_NAME, ROOT, page_problems,
+                           png_payload, running_server)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -31,79 +25,63 @@ def demo_server(tmp_path):
         yield base
 
 
-def _png_payload() -> bytes:
-    image = Image.open(ROOT / "demo" / "images" / "coffee.jpg").convert("RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_upload_run_and_read_results_in_chromium(demo_server):
-    sync_playwright = browser_or_skip()
-    problems: list[str] = []
+def test_upload_run_and_read_results_in_chromium(chromium, demo_server):
     dialogs: list[str] = []
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda message: message.type == "error"
-                    and problems.append(f"console: {message.text}"))
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    with chromium.new_page(viewport={"width": 1400, "height": 1000}) as page:
+        problems = page_problems(page)
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
 
-            page.goto(demo_server + "/")
-            page.set_input_files("#image-input", str(CAT_PHOTO))
-            page.set_input_files("#image-input", files=[{
-                "name": HOSTILE_NAME, "mimeType": "image/png", "buffer": _png_payload()}])
-            page.wait_for_selector(".thumb[data-image-id] >> nth=1", timeout=30_000)
-            names = page.locator(".thumb .filename").all_text_contents()
-            assert names == ["chelsea.jpg", HOSTILE_NAME]
+        page.goto(demo_server + "/")
+        page.set_input_files("#image-input", str(CAT_PHOTO))
+        page.set_input_files("#image-input", files=[{
+            "name": HOSTILE_NAME, "mimeType": "image/png", "buffer": png_payload()}])
+        page.wait_for_selector(".thumb[data-image-id] >> nth=1", timeout=30_000)
+        names = page.locator(".thumb .filename").all_text_contents()
+        assert names == ["chelsea.jpg", HOSTILE_NAME]
 
-            page.check("input[name=method][value=grad_cam]")
-            page.check("input[name=method][value=occlusion]")
-            page.click("fieldset.method:has(input[value=occlusion]) summary")
-            # A 4 x 4 grid keeps the test quick; the README screenshot uses the defaults.
-            coarse = os.environ.get("CONVSCOPE_UPDATE_SCREENSHOT") != "1"
-            page.fill("#p-occlusion-window", "56" if coarse else "")
-            page.fill("#p-occlusion-stride", "56" if coarse else "")
-            page.click("#run-button")
-            page.wait_for_url("**/jobs/*", timeout=30_000)
-            page.wait_for_selector("#job[data-finished=true]", timeout=180_000)
-            page.wait_for_function("Array.from(document.images).every(i => i.complete)",
-                                   timeout=30_000)
+        page.check("input[name=method][value=grad_cam]")
+        page.check("input[name=method][value=occlusion]")
+        page.click("fieldset.method:has(input[value=occlusion]) summary")
+        # A 4 x 4 grid keeps the test quick; the README screenshot uses the defaults.
+        coarse = os.environ.get("CONVSCOPE_UPDATE_SCREENSHOT") != "1"
+        page.fill("#p-occlusion-window", "56" if coarse else "")
+        page.fill("#p-occlusion-stride", "56" if coarse else "")
+        page.click("#run-button")
+        page.wait_for_url("**/jobs/*", timeout=30_000)
+        page.wait_for_selector("#job[data-finished=true]", timeout=180_000)
+        page.wait_for_function("Array.from(document.images).every(i => i.complete)",
+                               timeout=30_000)
 
-            assert page.text_content("#job-status") == "done"
-            images = page.evaluate("Array.from(document.images).map("
-                                   "i => [i.className, i.naturalWidth])")
-            overlays = [width for name, width in images if "overlay" in name]
-            assert len(overlays) >= 4 and all(width > 0 for width in overlays), images
-            assert all(width > 0 for _, width in images), images
+        assert page.text_content("#job-status") == "done"
+        images = page.evaluate("Array.from(document.images).map("
+                               "i => [i.className, i.naturalWidth])")
+        overlays = [width for name, width in images if "overlay" in name]
+        assert len(overlays) >= 4 and all(width > 0 for width in overlays), images
+        assert all(width > 0 for _, width in images), images
 
-            cat = page.locator("article.image-result", has=page.locator(
-                "h2.filename", has_text="chelsea.jpg"))
-            top1 = cat.locator(".topk tr.top1 .class-index").text_content()
-            assert int(top1.strip("() ")) in CAT_CLASSES, top1
+        cat = page.locator("article.image-result", has=page.locator(
+            "h2.filename", has_text="chelsea.jpg"))
+        top1 = cat.locator(".topk tr.top1 .class-index").text_content()
+        assert int(top1.strip("() ")) in CAT_CLASSES, top1
 
-            # The hostile name is text on the page, and nothing it carries ever ran.
-            shown = page.locator("h2.filename").all_text_contents()
-            assert HOSTILE_NAME in shown
-            assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+        # The hostile name is text on the page, and nothing it carries ever ran.
+        shown = page.locator("h2.filename").all_text_contents()
+        assert HOSTILE_NAME in shown
+        assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
 
-            slider = page.locator(".opacity-slider").first
-            slider.fill("0.9")
-            opacity = page.evaluate("getComputedStyle(document.querySelector("
-                                    "'.panel .layer')).opacity")
-            assert float(opacity) == pytest.approx(0.9)
-            slider.fill("0.5")
-            page.evaluate("document.activeElement.blur()")
+        slider = page.locator(".opacity-slider").first
+        slider.fill("0.9")
+        opacity = page.evaluate("getComputedStyle(document.querySelector("
+                                "'.panel .layer')).opacity")
+        assert float(opacity) == pytest.approx(0.9)
+        slider.fill("0.5")
+        page.evaluate("document.activeElement.blur()")
 
-            ARTIFACTS.mkdir(exist_ok=True)
-            screenshot = ARTIFACTS / "browser-job-results.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            if os.environ.get("CONVSCOPE_UPDATE_SCREENSHOT") == "1":
-                page.locator("article.image-result").first.screenshot(
-                    path=str(ROOT / "docs" / "screenshot-results.png"))
-        finally:
-            browser.close()
+        ARTIFACTS.mkdir(exist_ok=True)
+        screenshot = ARTIFACTS / "browser-job-results.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        if os.environ.get("CONVSCOPE_UPDATE_SCREENSHOT") == "1":
+            page.locator("article.image-result").first.screenshot(
+                path=str(ROOT / "docs" / "screenshot-results.png"))
     assert dialogs == [], f"a dialog opened: {dialogs}"
     assert problems == [], problems

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser import (ROOT, firefox, firefox_console_errors, firefox_or_skip,
-                           running_server, wait_until)
-from tests.web.test_browser import ARTIFACTS, CAT_CLASSES, CAT_PHOTO, HOSTILE_NAME, _png_payload
+from tests.browser import (ARTIFACTS, CAT_CLASSES, CAT_PHOTO, HOSTILE_NAME, ROOT, firefox,
+                           firefox_console_errors, firefox_or_skip, png_payload, running_server,
+                           wait_until)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def test_upload_run_and_read_results_in_firefox(tmp_path):
 
     hostile = tmp_path / "uploads" / HOSTILE_NAME
     hostile.parent.mkdir()
-    hostile.write_bytes(_png_payload())
+    hostile.write_bytes(png_payload())
 
     with running_server(tmp_path) as base, firefox() as client:
         def script(source: str, *args):

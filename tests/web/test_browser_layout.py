@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.browser import browser_or_skip, launch_chromium, running_server
+from tests.browser import running_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -15,17 +15,6 @@ WIDTHS = [(1280, 800), (1440, 900), (1920, 1080), (2560, 1440)]
 def demo_server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("layout")) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    sync_playwright = browser_or_skip()
-    with sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def tab_to(page, selector: str, limit: int = 120) -> None:

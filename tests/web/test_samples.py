@@ -11,14 +11,13 @@ import pytest
 from app import auth
 from app.views import samples as samples_module
 from app.views.samples import SAMPLE_TITLES, build_sample_table
-from tests.browser import ROOT, browser_or_skip, launch_chromium, running_server
+from tests.browser import CAT_CLASSES, ROOT, page_problems, running_server
 from tests.security.conftest import TOKEN, assert_html_error, assert_json_error, bearer
 from tests.security.test_paths import HOSTILE_IDS
 from tests.web.conftest import png_bytes, run_job
 
 DEMO_IMAGES = ROOT / "demo" / "images"
 BUNDLED = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "grace_hopper.jpg"]
-CAT_CLASSES = range(281, 286)       # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
 def test_the_api_lists_the_bundled_photos_in_order(client):
@@ -129,29 +128,21 @@ def test_with_a_token_the_files_stay_open_and_the_listing_needs_it(make_app):
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_clicking_a_sample_uploads_it_and_runs_in_chromium(tmp_path):
-    sync_playwright = browser_or_skip()
-    problems: list[str] = []
-    with running_server(tmp_path) as base, sync_playwright() as playwright:
-        browser = launch_chromium(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda message: message.type == "error"
-                    and problems.append(f"console: {message.text}"))
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.goto(base + "/")
-            page.get_by_role("button", name="Add sample image: Chelsea the cat").click()
-            page.wait_for_selector(".thumb[data-image-id]", timeout=10_000)
-            assert page.locator(".thumb .filename").all_text_contents() == ["chelsea.jpg"]
-            assert page.locator(".thumb .state").text_content() == "ready · 451×300"
-            assert page.eval_on_selector(".thumb img", "i => i.complete && i.naturalWidth") > 0
-            page.check("input[name=method][value=grad_cam]")
-            with page.expect_navigation(url="**/jobs/*"):
-                page.click("#run-button")
-            page.wait_for_selector("#job[data-finished=true]", timeout=60_000)
-            assert page.text_content("#job-status") == "done"
-            top1 = page.locator(".topk tr.top1 .class-index").first.text_content()
-            assert int(top1.strip("() ")) in CAT_CLASSES, top1
-        finally:
-            browser.close()
+def test_clicking_a_sample_uploads_it_and_runs_in_chromium(chromium, tmp_path):
+    with (running_server(tmp_path) as base,
+          chromium.new_page(viewport={"width": 1200, "height": 900}) as page):
+        problems = page_problems(page)
+        page.goto(base + "/")
+        page.get_by_role("button", name="Add sample image: Chelsea the cat").click()
+        page.wait_for_selector(".thumb[data-image-id]", timeout=10_000)
+        assert page.locator(".thumb .filename").all_text_contents() == ["chelsea.jpg"]
+        assert page.locator(".thumb .state").text_content() == "ready · 451×300"
+        assert page.eval_on_selector(".thumb img", "i => i.complete && i.naturalWidth") > 0
+        page.check("input[name=method][value=grad_cam]")
+        with page.expect_navigation(url="**/jobs/*"):
+            page.click("#run-button")
+        page.wait_for_selector("#job[data-finished=true]", timeout=60_000)
+        assert page.text_content("#job-status") == "done"
+        top1 = page.locator(".topk tr.top1 .class-index").first.text_content()
+        assert int(top1.strip("() ")) in CAT_CLASSES, top1
     assert problems == [], problems
