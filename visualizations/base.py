@@ -206,6 +206,10 @@ class Panel:
     target: TargetInfo | None = None
     kind: str = "heatmap"
     scale: tuple[float, float] | None = None  # fixed colour scale (e.g. probabilities 0..1)
+    # Figures the method measured about this panel (e.g. integrated gradients' completeness
+    # error) and plain-language caveats shown beside it (e.g. "only partly guided").
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def value_range(self) -> tuple[float, float]:
@@ -296,6 +300,9 @@ class Visualization(ABC):
     description: ClassVar[str]
     reference: ClassVar[str]            # paper link
     Params: ClassVar[type]
+    # Bumped whenever the method's output changes for the same inputs; stored results carry it
+    # in their cache key, so a fixed method never serves maps computed by the old code.
+    version: ClassVar[int] = 1
 
     def parse_params(self, raw: Mapping[str, Any] | None, meta: "ModelMeta | None" = None) -> Any:
         return parse_params(self.Params, raw, meta)
