@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from app import __version__
+    from app.version import __version__
 
     return f"convscope {__version__}"
 

@@ -48,7 +48,8 @@ TOMBSTONES = ".expired"
 STALE_TEMPORARY_S = 3600.0       # a .tmp-* entry this old was left by a crash
 # Names of files inside a result directory: chosen by us, checked again when serving.
 _RESULT_FILE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
-STORE_FORMAT = 1
+# 2: one panel record shape for the server and the CLI (overlay/heatmap/array at top level).
+STORE_FORMAT = 2
 
 
 def _storage_error(error: OSError) -> Exception:
@@ -371,12 +372,10 @@ def canonical_json(value: Any) -> str:
 
 
 def result_key(**parts: Any) -> str:
-    """The content address of a result: sha256 of the canonical JSON of what determines it. The
-    convscope version is part of it, so an upgrade that changes a method never serves results
-    computed by the old code."""
-    from app import __version__
-
-    identity = {"format": STORE_FORMAT, "version": __version__, **parts}
+    """The content address of a result: sha256 of the canonical JSON of what determines it.
+    Callers put each method's ``version`` among the parts, so a method whose output changed
+    never serves results computed by the old code; ``STORE_FORMAT`` covers the record shape."""
+    identity = {"format": STORE_FORMAT, **parts}
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 

@@ -1,8 +1,11 @@
 """Model adapters, one module per checkpoint family, registered explicitly here.
 
-Order matters: the first adapter that claims a file loads it. Files that would execute code go
-to ``trusted`` first (which refuses them without the opt-in); then a configured ``factory``;
-everything else is a torchvision state_dict, named in the config or recognized by its keys.
+An adapter knows how a family of models is *built*: a configured ``factory``, else a torchvision
+architecture named in the config or recognized by its keys; the first adapter that claims a file
+loads it. How a file is *read* is one function for all of them
+(``checkpoint_file.read_checkpoint``: weights-only, or with ``--trust-code`` a full load), and a
+whole pickled module from a trusted file is wrapped by ``loading.wrap_trusted_module``, so
+adapters never import each other.
 """
 from __future__ import annotations
 
@@ -14,14 +17,13 @@ from model_adapters.base import LoadedModel, ModelAdapter, ModelMeta, adapter_re
 from model_adapters.factory_adapter import FactoryAdapter
 from model_adapters.loading import loaded_model_from_module
 from model_adapters.torchvision_adapter import TorchvisionAdapter
-from model_adapters.trusted_adapter import TrustedAdapter
 
 if TYPE_CHECKING:
     import torch
 
     from model_adapters.config import CheckpointConfig
 
-for _adapter in (TrustedAdapter(), FactoryAdapter(), TorchvisionAdapter()):
+for _adapter in (FactoryAdapter(), TorchvisionAdapter()):
     adapter_registry.register(_adapter.name, _adapter)
 
 

@@ -27,7 +27,7 @@ from model_adapters.base import LoadedModel, ModelAdapter
 from model_adapters.checkpoint_file import (check_finite, find_state_dict, fit_prefix,
                                             load_strict, read_checkpoint)
 from model_adapters.config import CheckpointConfig
-from model_adapters.loading import finish_checkpoint_model
+from model_adapters.loading import finish_checkpoint_model, wrap_trusted_module
 from model_adapters.torchvision_builds import GENERIC_PREPROCESS
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,10 @@ class FactoryAdapter(ModelAdapter):
 
     def load(self, path: Path, config: Any, device: torch.device, *,
              trust_code: bool = False) -> LoadedModel:
-        factory = resolve_factory(config, trust_code=trust_code)
-        obj = read_checkpoint(path, trust_code=trust_code)
-        if isinstance(obj, nn.Module):  # a full pickle, allowed by --trust-code
-            from model_adapters.trusted_adapter import wrap_trusted_module
-
+        obj = read_checkpoint(path, trust_code=trust_code)   # refuses code files without trust
+        if isinstance(obj, nn.Module):  # a full pickle or TorchScript, allowed by --trust-code
             return wrap_trusted_module(obj, path, config, device)
+        factory = resolve_factory(config, trust_code=trust_code)
         return load_factory_state_dict(factory, find_state_dict(obj, path.name), path, config,
                                        device)
 

@@ -1,8 +1,10 @@
 """Turn an ``nn.Module`` plus its preprocessing facts into a ``LoadedModel`` (one place for all).
 
-Every adapter ends here, and tests and other packages use :func:`loaded_model_from_module` to
-wrap tiny models built in code. The function puts the module in eval mode on its device, runs
-the CAM probe (one forward pass, which also checks the class count) and fills ``ModelMeta``.
+Every adapter ends here -- a whole module read from a trusted file through
+:func:`wrap_trusted_module`, a built one through :func:`finish_checkpoint_model` -- and tests and
+other packages use :func:`loaded_model_from_module` to wrap tiny models built in code. That
+function puts the module in eval mode on its device, runs the CAM probe (one forward pass, which
+also checks the class count) and fills ``ModelMeta``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from model_adapters.base import LoadedModel, ModelMeta
 from model_adapters.cam_layers import find_cam_layers
 from model_adapters.config import CheckpointConfig
 from model_adapters.labels import check_label_count, default_class_names, read_labels_file
-from model_adapters.torchvision_builds import DefaultPreprocess
+from model_adapters.torchvision_builds import GENERIC_PREPROCESS, DefaultPreprocess
+
+TRUSTED_ADAPTER = "trusted"     # the adapter name of modules from code-carrying files
 
 _OOM_MESSAGE = "The device ran out of memory loading this model."
 
@@ -126,3 +130,13 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def wrap_trusted_module(module: nn.Module, path: Path, config: CheckpointConfig,
+                        device: torch.device) -> LoadedModel:
+    """A whole module from a trusted file: its class name is the architecture; preprocessing
+    comes from ``[preprocess]`` or the ImageNet defaults."""
+    architecture = getattr(module, "original_name", None) or type(module).__name__
+    return finish_checkpoint_model(module, architecture=str(architecture), config=config,
+                                   defaults=GENERIC_PREPROCESS, path=path, device=device,
+                                   adapter=TRUSTED_ADAPTER)

@@ -19,7 +19,7 @@ from model_adapters.checkpoint_file import (candidate_prefixes, check_finite, fi
                                             fit_prefix, load_strict, read_checkpoint,
                                             strip_prefix)
 from model_adapters.config import CheckpointConfig
-from model_adapters.loading import finish_checkpoint_model
+from model_adapters.loading import finish_checkpoint_model, wrap_trusted_module
 from model_adapters.torchvision_builds import (build, classification_architectures,
                                                default_preprocess, fingerprints_of, recognize)
 
@@ -37,8 +37,6 @@ class TorchvisionAdapter(ModelAdapter):
         config = config or CheckpointConfig(directory=path.parent)
         obj = read_checkpoint(path, trust_code=trust_code)
         if isinstance(obj, nn.Module):  # a full pickle, allowed by --trust-code
-            from model_adapters.trusted_adapter import wrap_trusted_module
-
             return wrap_trusted_module(obj, path, config, device)
         return load_torchvision_state_dict(find_state_dict(obj, path.name), path, config, device)
 

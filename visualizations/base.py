@@ -24,6 +24,7 @@ import numpy as np
 from app.errors import (BadParameter, Cancelled, DeviceOOM, MethodUnsupported, ModelOutputInvalid,
                         UnknownClass, UnknownVisualization)
 from app.registry import Registry
+from visualizations.context import RunContext
 
 if TYPE_CHECKING:
     import torch
@@ -243,24 +244,6 @@ class VisualizationResult:
 
 
 # --- running -------------------------------------------------------------------------------
-
-@dataclass
-class RunContext:
-    """What a running method may use besides its inputs: progress reporting, cancellation, and
-    the batch size for perturbation/step batches (``None``: the method decides)."""
-
-    progress: Callable[[float], None] | None = None
-    cancel_event: threading.Event | None = None
-    batch_size: int | None = None
-
-    def report(self, fraction: float) -> None:
-        if self.progress is not None:
-            self.progress(min(1.0, max(0.0, float(fraction))))
-
-    def check_cancelled(self) -> None:
-        if self.cancel_event is not None and self.cancel_event.is_set():
-            raise Cancelled("The visualization was cancelled.")
-
 
 def is_predicted(spec: int | str) -> bool:
     """Whether a target spec means "the model's top class" rather than an index or label."""

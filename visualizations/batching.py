@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from model_adapters.base import LoadedModel
-    from visualizations.base import RunContext
+    from visualizations.context import RunContext
 
 log = logging.getLogger(__name__)
 

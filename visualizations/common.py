@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from model_adapters.base import LoadedModel, ModelMeta
-    from visualizations.base import RunContext
+    from visualizations.context import RunContext
 
 
 # --- memory format ---------------------------------------------------------------------------

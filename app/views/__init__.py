@@ -30,7 +30,7 @@ def scanned_catalog(services: Any) -> Any:
 
 
 def init_app(app: Flask, settings: Any) -> None:
-    from app import __version__
+    from app.version import __version__
     from app.views.api import api
     from app.views.pages import pages
     from app.views.samples import init_app as init_samples

@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
 
-from app import __version__
+from app.version import __version__
 from app.errors import BadRequest, NotFound, NotReady
 from app.factory import services
 from app.http_errors import coded_error
