@@ -3,7 +3,9 @@
 Nothing happens at import time. The app is assembled by a list of ``init_app(app, settings)``
 hooks (``INIT_HOOKS``), run in order, so later features (authentication, allowed hosts, ...) are
 one more entry rather than an edit in the middle of this function. Per-app state lives in
-``app.extensions["convscope"]`` as a ``Services`` object; nothing is global.
+``app.extensions["convscope"]`` as a ``Services`` object (``app.services``); nothing is global.
+This module is the top of the import graph: it imports the views, and nothing imports it but
+``app.create_app``.
 """
 from __future__ import annotations
 
@@ -12,45 +14,21 @@ import datetime
 import logging
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from flask import Flask
 
 from app import auth, http_errors
-from app.jobs import Executor, JobStore
+from app.jobs.executor import Executor
+from app.services import EXTENSION, build_services
 from app.settings import Settings, load_settings
-from app.stores import ImageStore, ResultStore
 from app.views import init_app as init_views
 from app.views import security
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent   # templates/ and static/ live here
-EXTENSION = "convscope"
-
-
-@dataclass
-class Services:
-    """Everything a request handler may use, built once per app."""
-
-    settings: Settings
-    device: Any                     # torch.device
-    catalog: Any                    # app.catalog.ModelCatalog
-    visualizations: Any             # visualizations.visualization_registry
-    images: ImageStore
-    results: ResultStore
-    jobs: JobStore
-    executor: Executor
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel queued/running jobs with a recorded status and stop the executor."""
-        self.executor.shutdown(timeout)
-
-
-def services(app: Flask) -> Services:
-    return app.extensions[EXTENSION]
 
 
 def init_config(app: Flask, settings: Settings) -> None:
@@ -87,32 +65,11 @@ def _warn_about_deployment(settings: Settings) -> None:
                     "the server can use it; put it behind an authenticating proxy or set a token.")
 
 
-def _build_catalog(settings: Settings, device: Any) -> Any:
-    from app.catalog import ModelCatalog, demo_directory
-
-    directory = settings.checkpoint_dir or demo_directory()
-    # Never stale for HTTP threads: the executor rescans (and loads new files) on the device
-    # thread; see Executor._refresh_catalog.
-    return ModelCatalog(Path(directory), device, trust_code=settings.trust_code,
-                        rescan_seconds=float("inf"))
-
-
 def init_services(app: Flask, settings: Settings, *, catalog: Any = None) -> None:
-    from app.devices import configure_threads, resolve_device
-    from visualizations import visualization_registry
-
-    configure_threads()
-    device = resolve_device(settings.device)        # DeviceUnavailable here, at startup
-    if catalog is None:
-        catalog = _build_catalog(settings, device)
-    data = settings.data_dir
-    images = ImageStore(data / "images")
-    results = ResultStore(data / "results")
-    jobs = JobStore(data / "jobs")
-    executor = Executor(catalog=catalog, images=images, results=results, jobs=jobs,
-                        settings=settings, visualizations=visualization_registry)
-    app.extensions[EXTENSION] = Services(settings, device, catalog, visualization_registry,
-                                         images, results, jobs, executor)
+    services = build_services(settings, catalog=catalog)
+    executor = Executor(services)
+    services.executor = executor
+    app.extensions[EXTENSION] = services
     executor.start()
     if not settings.testing:
         # Cancel and record running jobs when the process exits normally.

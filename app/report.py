@@ -4,10 +4,15 @@ Runs without a server: loads one checkpoint (the directory's latest, or ``--chec
 means the bundled demo), runs the requested methods on every image and writes into OUTDIR
 
 * ``results.json`` -- ``{"model": {...}, "images": [{"file", "predictions", "visualizations":
-  [{"method", "params", "elapsed_ms", "panels": [{"title", "target", "signed", "overlay",
-  "heatmap", "array"}]}]}]}`` with paths relative to OUTDIR;
+  [{"method", "params", "elapsed_ms", "panels": [<panel record>]}]}]}``, where a panel record is
+  the one the server stores (``app.pipeline.panel_record``: title, kind, signed, target,
+  value_range, metrics, notes, overlay, heatmap, array), with paths relative to OUTDIR;
 * the PNGs and ``.npy`` arrays those paths name;
-* ``report.html`` -- one self-contained page (images inlined as data URIs, inline CSS).
+* ``report.html`` -- one self-contained page (images inlined as data URIs, inline CSS) whose
+  panels use the job page's own macro (``templates/partials/panel.html``).
+
+Every image goes through ``app.pipeline`` exactly as a job's does, so the same image, checkpoint,
+method, parameters and target give byte-identical arrays here and on the server.
 
 Everything a user can get wrong (a method name, a ``--param``, a target, a device, an image,
 the output folder) is checked before the first model evaluation and reported as ``CODE: message`` with exit status 2;
@@ -23,31 +28,23 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from app.errors import BadParameter, ConvscopeError, ImageUnsupported, NotFound, StorageFull
+from app.pipeline import (PREDICTED, MethodRequest, image_targets, method_request, predict,
+                          target_spec, visualize, write_panel_set)
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from model_adapters.base import LoadedModel
-    from visualizations.base import Visualization
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TOP_K = 5
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
-
-
-@dataclass(frozen=True)
-class MethodRequest:
-    """One ``--method`` with its validated, model-resolved parameters."""
-
-    method: "Visualization"
-    params: Any
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -185,28 +182,21 @@ def parse_param_options(options: Sequence[str], methods: Sequence[str]) -> dict[
 def parse_method_requests(raw: dict[str, dict[str, str]],
                           model: "LoadedModel") -> list[MethodRequest]:
     """Validated methods and parameters from ``parse_param_options``' result, one per method
-    in order (E_UNKNOWN_VISUALIZATION, E_BAD_PARAMETER, E_METHOD_UNSUPPORTED) -- all before
-    the first model evaluation."""
-    from app.errors import MethodUnsupported
+    in order (E_UNKNOWN_VISUALIZATION, E_BAD_PARAMETER, E_METHOD_UNSUPPORTED, each prefixed with
+    the method's name) -- all before the first model evaluation."""
     from visualizations import visualization_registry
 
     requests = []
     for method in map(visualization_registry.get, raw):
-        reason = method.supports(model.meta)
-        if reason:
-            raise MethodUnsupported(f"{method.name}: {reason}")
         try:
-            params = method.resolve(method.parse_params(raw[method.name], model.meta), model.meta)
-        except BadParameter as error:
-            raise BadParameter(f"{method.name}: {error.message}", fields=error.fields) from None
-        requests.append(MethodRequest(method, params))
+            requests.append(method_request(method, raw[method.name], model.meta))
+        except ConvscopeError as error:
+            raise type(error)(f"{method.name}: {error.message}", fields=error.fields) from None
     return requests
 
 
 def parse_targets(targets: Sequence[str] | None, model: "LoadedModel") -> list[int | str]:
     """``predicted`` stays symbolic (it differs per image); indices and labels are checked."""
-    from app.jobs import PREDICTED, target_spec
-
     return [target_spec(model.meta, target) for target in targets or [PREDICTED]]
 
 
@@ -215,58 +205,48 @@ def parse_targets(targets: Sequence[str] | None, model: "LoadedModel") -> list[i
 def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug: str,
                     requests: Sequence[MethodRequest], targets: Sequence[int | str],
                     out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run every method on one image; write its files; return (results.json record, the data
-    the HTML page needs)."""
-    import numpy as np
+    """Run every method on one image through the pipeline; write its files; return
+    (results.json record, the data the HTML page needs)."""
+    from app.rendering import encode_png
+    from visualizations import visualization_registry
 
-    from app.rendering import OVERLAY_OPACITY, encode_png, legend_stops, render_panel
-
-    view = model.model_view(image)
-    batch = model.to_tensor([view])
-    probabilities = model.predict(batch)[0]
-    predictions = model.top_k(probabilities, TOP_K)
-    given_probabilities = probabilities.cpu().numpy()  # one prediction serves every method
-    folder = out_dir / slug
-    folder.mkdir(parents=True, exist_ok=True)
-    view_png = encode_png(view.convert("RGB"))
-    (folder / "model-view.png").write_bytes(view_png)
-
-    record: dict[str, Any] = {"file": str(path), "predictions": predictions,
+    prediction = predict(model, image, TOP_K)
+    view_png = encode_png(prediction.view.convert("RGB"))
+    (out_dir / slug).mkdir(parents=True, exist_ok=True)
+    (out_dir / slug / "model-view.png").write_bytes(view_png)
+    record: dict[str, Any] = {"file": str(path), "predictions": prediction.top,
                               "visualizations": []}
     page: dict[str, Any] = {"file": path.name, "view": _data_uri(view_png),
-                            "predictions": predictions, "methods": []}
+                            "predictions": prediction.top, "methods": []}
     for request in requests:
-        method = request.method
-        started = time.perf_counter()
-        result = method.run(model, batch, targets, request.params,
-                            probabilities=given_probabilities)
-        log.info("%s on %s: %.0f ms", method.name, path.name,
-                 (time.perf_counter() - started) * 1000)
-        panels, page_panels = [], []
-        for number, panel in enumerate(result.panels):
-            rendered = render_panel(panel, view, OVERLAY_OPACITY)
-            stem = f"{method.name}-{number}"
-            files = {"overlay": f"{slug}/{stem}-overlay.png",
-                     "heatmap": f"{slug}/{stem}-heatmap.png", "array": f"{slug}/{stem}.npy"}
-            (out_dir / files["overlay"]).write_bytes(rendered.overlay_png)
-            (out_dir / files["heatmap"]).write_bytes(rendered.heatmap_png)
-            np.save(out_dir / files["array"], panel.values, allow_pickle=False)
-            panels.append({"title": panel.title,
-                           "target": panel.target.to_dict() if panel.target else None,
-                           "signed": bool(panel.signed), **files})
-            page_panels.append({
-                "title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
-                "target": panel.target, "overlay": _data_uri(rendered.overlay_png),
-                "heatmap": _data_uri(rendered.heatmap_png),
-                "low": rendered.value_range[0], "high": rendered.value_range[1],
-                "legend": ", ".join(legend_stops(panel.signed))})
-        record["visualizations"].append({"method": method.name, "params": result.params,
-                                         "elapsed_ms": round(result.elapsed_ms, 1),
-                                         "panels": panels})
+        method = visualization_registry.get(request.name)
+        panels: list[dict[str, Any]] = []
+        page_panels: list[dict[str, Any]] = []
+        elapsed_ms, params = 0.0, dict(request.params)
+        for target in image_targets(model.meta, targets, prediction.predicted):
+            panel_set = visualize(model, method, request, prediction, target)
+            written = write_panel_set(panel_set, out_dir, f"{slug}/{method.name}-t{target}-")
+            panels.extend(written)
+            page_panels.extend(_page_panel(panel, panel_set.files, stored)
+                               for panel, stored in zip(written, panel_set.record["panels"]))
+            elapsed_ms += panel_set.record["elapsed_ms"]
+            params = panel_set.record["params"]
+        log.info("%s on %s: %.0f ms", method.name, path.name, elapsed_ms)
+        record["visualizations"].append({"method": method.name, "params": params,
+                                         "elapsed_ms": round(elapsed_ms, 1), "panels": panels})
         page["methods"].append({"name": method.name, "title": method.title,
-                                "reference": method.reference, "params": result.params,
-                                "elapsed_ms": result.elapsed_ms, "panels": page_panels})
+                                "reference": method.reference, "params": params,
+                                "elapsed_ms": elapsed_ms, "panels": page_panels})
     return record, page
+
+
+def _page_panel(panel: dict[str, Any], files: dict[str, bytes],
+                stored: dict[str, Any]) -> dict[str, Any]:
+    """A written panel record with what the panel macro links to: pictures inline (the report is
+    one self-contained file), downloads as paths relative to the report."""
+    return {**panel, "heatmap_url": _data_uri(files[stored["heatmap"]]),
+            "overlay_url": panel["overlay"], "array_url": panel["array"],
+            "json_url": "results.json"}
 
 
 def model_record(model: "LoadedModel") -> dict[str, Any]:
@@ -279,10 +259,14 @@ def render_html(results: dict[str, Any], pages: list[dict[str, Any]]) -> str:
     """The self-contained report page (Jinja2 with autoescaping; images as data URIs)."""
     import jinja2
 
+    from app.rendering import legend_stops
+
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
                                      autoescape=True, undefined=jinja2.StrictUndefined)
     template = environment.get_template("report.html")
     return template.render(model=results["model"], images=pages,
+                           legend={"unsigned": ", ".join(legend_stops(False)),
+                                   "signed": ", ".join(legend_stops(True))},
                            created=time.strftime("%Y-%m-%d %H:%M"))
 
 

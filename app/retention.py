@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Collection
 from app.stores import ImageStore, ResultStore, remove_stale_temporaries
 
 if TYPE_CHECKING:
-    from app.jobs import JobStore
+    from app.jobs.store import JobStore
     from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,8 @@ from flask import (Blueprint, Response, current_app, jsonify, request, send_file
 
 from app.version import __version__
 from app.errors import BadRequest, NotFound, NotReady
-from app.factory import services
+from app.services import services
 from app.http_errors import coded_error
-from app.views import scanned_catalog
 from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail, model_summary
 from app.views.uploads import UPLOAD_FIELD, store_uploads
@@ -46,13 +45,13 @@ def ready() -> Response:
 
 @api.get("/models")
 def models() -> Response:
-    catalog = scanned_catalog(_services())
+    catalog = _services().scanned_catalog()
     return jsonify(models=[model_summary(entry) for entry in catalog.entries()])
 
 
 @api.get("/models/<model_id>")
 def model(model_id: str) -> Response:
-    return jsonify(model_detail(scanned_catalog(_services()).get(model_id)))
+    return jsonify(model_detail(_services().scanned_catalog().get(model_id)))
 
 
 @api.get("/visualizations")
@@ -62,7 +61,7 @@ def visualizations() -> Response:
     svc = _services()
     meta = None
     if request.args.get("model"):
-        entry = scanned_catalog(svc).get(request.args["model"])
+        entry = svc.scanned_catalog().get(request.args["model"])
         meta = entry.meta
     described = []
     for visualization in svc.visualizations:
@@ -112,7 +111,7 @@ def _json_body() -> Any:
 @api.post("/jobs")
 def create_job() -> tuple[Response, int, dict[str, str]]:
     svc = _services()
-    spec = parse_job_request(_json_body(), catalog=scanned_catalog(svc), images=svc.images,
+    spec = parse_job_request(_json_body(), catalog=svc.scanned_catalog(), images=svc.images,
                              settings=svc.settings, visualizations=svc.visualizations)
     job = svc.executor.submit(spec)
     page = url_for("pages.job", job_id=job.id)

@@ -4,13 +4,12 @@ true labels and cost. Bad requests become the ConvscopeError a user should see; 
 ``JobSpec`` the executor can run without checking anything again."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import TYPE_CHECKING, Any, Mapping
 
-from app.errors import BadParameter, BadRequest, MethodUnsupported, TooExpensive, UnknownModel
-from app.jobs import PREDICTED, JobSpec, MethodRequest, meta_fingerprint, target_spec
-from app.stores import ImageStore, canonical_json
+from app.errors import BadRequest, TooExpensive, UnknownModel
+from app.jobs.spec import JobSpec
+from app.pipeline import PREDICTED, meta_fingerprint, method_request, target_spec
+from app.stores import ImageStore
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -87,22 +86,13 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
             raise BadRequest("Each visualization must be an object with a \"name\".",
                              fields={"visualizations": "[{\"name\", \"params\"}]"})
         visualization = visualizations.get(raw["name"])
-        reason = visualization.supports(meta)
-        if reason:
-            raise MethodUnsupported(reason, fields={"visualizations": visualization.name})
-        raw_params = raw.get("params") or {}
-        if not isinstance(raw_params, Mapping):
-            raise BadParameter("\"params\" must be an object.", fields={"params": "an object"})
-        params = visualization.resolve(visualization.parse_params(raw_params, meta), meta)
-        cost = int(visualization.cost(params, meta))
-        if cost > settings.max_cost:
+        request = method_request(visualization, raw.get("params") or {}, meta)
+        if request.cost > settings.max_cost:
             raise TooExpensive(
-                f"{visualization.title} with these parameters needs {cost} model evaluations per "
-                f"image and target, over this server's limit of {settings.max_cost}; make it "
-                "cheaper with a larger window or stride, or fewer steps or samples.",
-                fields={"visualizations": visualization.name})
-        resolved = json.loads(canonical_json(dataclasses.asdict(params)))
-        request = MethodRequest(visualization.name, resolved, cost)
+                f"{visualization.title} with these parameters needs {request.cost} model "
+                f"evaluations per image and target, over this server's limit of "
+                f"{settings.max_cost}; make it cheaper with a larger window or stride, or fewer "
+                "steps or samples.", fields={"visualizations": visualization.name})
         if request in methods:
             raise BadRequest(f"{visualization.name} is listed twice with the same parameters.",
                              fields={"visualizations": "distinct entries"})

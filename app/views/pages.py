@@ -14,9 +14,9 @@ from flask import (Blueprint, Response, current_app, redirect, render_template, 
 from werkzeug.datastructures import MultiDict
 
 from app.errors import ConvscopeError
-from app.factory import services
-from app.jobs import PREDICTED, TERMINAL
-from app.views import scanned_catalog
+from app.jobs.record import TERMINAL
+from app.pipeline import PREDICTED
+from app.services import services
 from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail
 from app.views.uploads import UPLOAD_FIELD, store_uploads
@@ -31,7 +31,7 @@ def _services():
 def _selected_entry(entries: list[Any], wanted: str | None) -> Any:
     """The model the workbench shows: the one asked for, else the newest that loads."""
     if wanted:
-        return scanned_catalog(_services()).get(wanted)
+        return _services().scanned_catalog().get(wanted)
     return next((entry for entry in entries if entry.ok), entries[0] if entries else None)
 
 
@@ -48,7 +48,7 @@ def _method_forms(entry: Any) -> list[dict[str, Any]]:
 def _render_workbench(error: ConvscopeError | None = None, status: int = 200,
                       form: Mapping[str, Any] | None = None) -> tuple[str, int]:
     svc = _services()
-    entries = scanned_catalog(svc).entries()
+    entries = svc.scanned_catalog().entries()
     wanted = (form or {}).get("model") or request.args.get("model")
     entry = _selected_entry(entries, wanted)
     settings = svc.settings
@@ -102,7 +102,7 @@ def submit_workbench() -> Response | tuple[str, int]:
         records = store_uploads(request.files.getlist(UPLOAD_FIELD), svc.images,
                                 max_files=svc.settings.max_files_per_request)
         payload = job_payload_from_form(request.form, records)
-        spec = parse_job_request(payload, catalog=scanned_catalog(svc), images=svc.images,
+        spec = parse_job_request(payload, catalog=svc.scanned_catalog(), images=svc.images,
                                  settings=svc.settings, visualizations=svc.visualizations)
         job = svc.executor.submit(spec)
     except ConvscopeError as error:
@@ -131,7 +131,7 @@ def cancel_job(job_id: str) -> Response:
 
 @pages.get("/models")
 def models() -> str:
-    entries = scanned_catalog(_services()).entries()
+    entries = _services().scanned_catalog().entries()
     return render_template("pages/models.html", models=[model_detail(e) for e in entries])
 
 

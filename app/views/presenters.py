@@ -11,8 +11,8 @@ from flask import url_for
 from app.errors import ResultExpired
 
 if TYPE_CHECKING:
-    from app.factory import Services
-    from app.jobs import Job
+    from app.jobs.record import Job
+    from app.services import Services
 
 
 def model_summary(entry: Any) -> dict[str, Any]:
@@ -36,19 +36,15 @@ def model_detail(entry: Any) -> dict[str, Any]:
 
 
 def _panel(key: str, panel: dict[str, Any]) -> dict[str, Any]:
-    files = panel.get("files", {})
+    """A stored panel record (``app.pipeline.panel_record``) with its files as URLs."""
+    def file_url(name: str) -> str:
+        return url_for("api.result_file", key=key, name=name)
 
-    def file_url(name: str | None) -> str | None:
-        return url_for("api.result_file", key=key, name=name) if name else None
-
-    image = files.get("image")
-    return {"title": panel["title"], "kind": panel.get("kind", "heatmap"),
-            "target": panel.get("target"), "signed": panel.get("signed", False),
-            "overlay_url": file_url(files.get("overlay") or image),
-            "heatmap_url": file_url(files.get("heatmap") or image),
-            "array_url": file_url(files.get("array")),
-            "json_url": file_url("result.json"),
-            "value_range": panel.get("value_range")}
+    return {"title": panel["title"], "kind": panel["kind"], "target": panel["target"],
+            "signed": panel["signed"], "overlay_url": file_url(panel["overlay"]),
+            "heatmap_url": file_url(panel["heatmap"]), "array_url": file_url(panel["array"]),
+            "json_url": file_url("result.json"), "value_range": panel["value_range"],
+            "metrics": panel["metrics"], "notes": panel["notes"]}
 
 
 def _expired() -> dict[str, Any]:

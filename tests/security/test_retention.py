@@ -9,7 +9,7 @@ import time
 import pytest
 
 from app.errors import NotFound, ResultExpired
-from app.jobs import JobStore
+from app.jobs.store import JobStore
 from app.retention import Retention
 from app.stores import ImageStore, ResultStore, result_key
 from tests.security.conftest import assert_html_error, assert_json_error

@@ -27,7 +27,10 @@ MODEL_KEYS = {"file", "architecture", "num_classes", "sha256"}
 IMAGE_KEYS = {"file", "predictions", "visualizations"}
 PREDICTION_KEYS = {"index", "label", "probability"}
 VISUALIZATION_KEYS = {"method", "params", "elapsed_ms", "panels"}
-PANEL_KEYS = {"title", "target", "signed", "overlay", "heatmap", "array"}
+# The one panel record of app.pipeline, the same as the server's (issue 3's fields plus kind,
+# value_range, metrics and notes).
+PANEL_KEYS = {"title", "kind", "signed", "target", "value_range", "metrics", "notes",
+              "overlay", "heatmap", "array"}
 
 
 def write_checkpoint_dir(directory: Path, files: dict[str, int]) -> Path:

@@ -206,10 +206,10 @@ def test_http_threads_wait_for_the_executor_scan_and_never_scan_themselves(
     is done gets 503 E_NOT_READY rather than scanning (running models) in the HTTP thread."""
     import torch
 
-    import app.views
+    import app.services
     from app.catalog import ModelCatalog
 
-    monkeypatch.setattr(app.views, "CATALOG_WAIT_S", 0.05)
+    monkeypatch.setattr(app.services, "CATALOG_WAIT_S", 0.05)
     catalog = _ThreadRecordingCatalog(ModelCatalog(checkpoint_dir, torch.device("cpu"),
                                                    settle_seconds=0,
                                                    rescan_seconds=float("inf")))

@@ -11,7 +11,7 @@ from tests.web.conftest import png_bytes, submit, upload, wait_job
 def test_shutdown_cancels_a_job_that_is_live_but_not_in_the_queue(held_executor):
     """A submit racing with shutdown can enqueue after the queue was emptied; the sweep over
     the process's live jobs must still record it as cancelled, never leave it queued."""
-    from app.jobs import Job
+    from app.jobs.record import Job
 
     app, client, executor, image, gate, started = held_executor
     first = submit(client, [image]).json["id"]
@@ -49,7 +49,7 @@ def test_a_job_cancelled_after_the_loop_took_it_is_not_restarted(held_executor):
     queued = submit(client, [image]).json["id"]
     job = executor.jobs.live(queued)
     executor.cancel(queued)                  # cancelled while queued ...
-    from app.jobs import Executor
+    from app.jobs.executor import Executor
 
     Executor._run(executor, job)             # ... and the loop reaches it anyway
     assert job.status == "cancelled" and job.started is None
@@ -61,7 +61,8 @@ def test_a_job_cancelled_after_the_loop_took_it_is_not_restarted(held_executor):
 def test_a_running_job_stops_when_the_executor_is_stopping(make_app):
     """Even if shutdown never saw it as the current job, a run checks ``stopping``."""
     from app.errors import Cancelled
-    from app.jobs import Job, _JobRun
+    from app.jobs.record import Job
+    from app.jobs.visualize import VisualizeRun
 
     app = make_app()
     client = app.test_client()
@@ -73,7 +74,8 @@ def test_a_running_job_stops_when_the_executor_is_stopping(make_app):
     executor._stopping.set()
     try:
         with pytest.raises(Cancelled, match="shut down"):
-            _JobRun(executor, job).run()
+            VisualizeRun(app.extensions["convscope"], job,
+                         stopping=executor._stopping.is_set).run()
     finally:
         executor._stopping.clear()
     assert job.model_runs == 0 and job.cache_hits == 0

@@ -409,14 +409,14 @@ def test_job_owner_liveness_without_proc(monkeypatch) -> None:
     import subprocess
     import sys
 
-    from app import jobs
+    from app.jobs import record
 
-    monkeypatch.setattr(jobs, "_start_time", lambda pid: "?")
-    assert jobs._owner_alive(f"{os.getpid()}:?")
+    monkeypatch.setattr(record, "_start_time", lambda pid: "?")
+    assert record.owner_alive(f"{os.getpid()}:?")
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, check=True)
-    assert not jobs._owner_alive(f"{int(finished.stdout)}:?")
-    assert not jobs._owner_alive("not-a-pid:?")
+    assert not record.owner_alive(f"{int(finished.stdout)}:?")
+    assert not record.owner_alive("not-a-pid:?")
 
 
 def test_a_job_predicts_each_image_once(client, image_id, monkeypatch) -> None:

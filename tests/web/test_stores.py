@@ -53,12 +53,15 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["file.json"]
 
 
-def test_result_keys_change_with_the_convscope_version(monkeypatch) -> None:
-    import app
-    from app.stores import result_key
+def test_result_keys_change_with_the_method_version() -> None:
+    """A method whose output changed bumps its version; its old results are then never served
+    (the package version, 0.1.0 for ever, no longer stands in for that)."""
+    from app.pipeline import MethodRequest, ModelIdentity, visualization_key
 
-    parts = {"image": "a" * 64, "method": "grad_cam", "params": {"layer": "x"}, "target": 3}
-    before = result_key(**parts)
-    assert result_key(**parts) == before
-    monkeypatch.setattr(app, "__version__", "999.0.0")
-    assert result_key(**parts) != before
+    model = ModelIdentity("c" * 64, "f" * 16)
+    request = MethodRequest("grad_cam", {"layer": "x"}, cost=1, version=1)
+    before = visualization_key("a" * 64, model, request, 3)
+    assert visualization_key("a" * 64, model, request, 3) == before
+    bumped = MethodRequest("grad_cam", {"layer": "x"}, cost=1, version=2)
+    assert visualization_key("a" * 64, model, bumped, 3) != before
+    assert visualization_key("a" * 64, model, request, 4) != before

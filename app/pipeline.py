@@ -1,0 +1,275 @@
+"""The one path from an image to panels, shared by every caller.
+
+``convscope visualize``, the job executor and every later kind of job (dataset evaluation,
+timelines across checkpoints, sanity checks, remote workers) turn an image into predictions and
+panels through these functions; a new caller composes them and never copies them:
+
+* ``target_spec`` and ``image_targets``: "predicted", a class index or a label, to class indices
+  (one resolver for all: ``visualizations.base.resolve_targets``);
+* ``method_request``: a method name and raw parameters, validated and resolved for one model;
+* ``predict``: the picture the model sees, its input batch, class probabilities and top-k;
+* ``visualize``: one method on one image for one target, as a ``PanelSet`` -- the result record
+  with one panel record per panel, and the files (arrays, PNGs) it names.
+
+The panel record is the same everywhere (result store, job API, the CLI's ``results.json``)::
+
+    {"title", "kind", "signed", "target", "value_range", "metrics", "notes",
+     "overlay", "heatmap", "array"}
+
+with file names relative to where the files are written; an image panel (``kind="image"``, e.g.
+the occlusion grid) is stored once and named by both ``overlay`` and ``heatmap``.
+
+No HTTP, no job records and no disk here besides ``write_panel_set``: the job executor puts a
+``PanelSet`` into the ``ResultStore``, the CLI into its report folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from app.errors import BadParameter, MethodUnsupported
+from app.rendering import OVERLAY_OPACITY, encode_png, render_panel
+from app.stores import canonical_json, result_key
+from visualizations.base import is_predicted, resolve_targets
+from visualizations.context import RunContext
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from model_adapters.base import LoadedModel, ModelMeta
+    from visualizations.base import Panel, Visualization
+
+PREDICTED = "predicted"
+# Bumped when a stored prediction (its record, the model view or the probabilities) changes.
+PREDICTION_VERSION = 1
+
+
+# --- what to compute ----------------------------------------------------------------------------
+
+def target_spec(meta: "ModelMeta", raw: Any) -> int | str:
+    """One requested target as a request keeps it: PREDICTED (it differs per image) or a checked
+    class index, from an index or a label."""
+    if is_predicted(raw):
+        return PREDICTED
+    if not isinstance(raw, (int, str)) or isinstance(raw, bool):
+        raise BadParameter("A target must be \"predicted\", a class index or a class label.",
+                           fields={"targets": "\"predicted\", a class index or a label"})
+    return meta.class_index(raw)
+
+
+def image_targets(meta: "ModelMeta", specs: Sequence[int | str], predicted: int,
+                  true_index: int | None = None) -> list[int]:
+    """Class indices to explain for one image: the requested ones, plus the predicted and the
+    true class when they differ (a failure case), so the two can be compared side by side."""
+    wanted = list(specs)
+    if true_index is not None and true_index != predicted:
+        wanted += [PREDICTED, true_index]
+    return resolve_targets(meta, predicted, wanted)
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """One method with its parameters resolved for a model: concrete values (so an explicit value
+    and the AUTO default that resolves to it share results), its cost per image and target, and
+    the method's version (part of every result's cache key)."""
+
+    name: str
+    params: Mapping[str, Any]
+    cost: int
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": dict(self.params), "cost": self.cost,
+                "version": self.version}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodRequest":
+        return cls(data["name"], dict(data["params"]), int(data["cost"]),
+                   int(data.get("version", 1)))
+
+
+def method_request(visualization: "Visualization", raw_params: Any,
+                   meta: "ModelMeta") -> MethodRequest:
+    """Check that ``visualization`` runs on this model and validate its parameters: raises
+    E_METHOD_UNSUPPORTED or E_BAD_PARAMETER (naming the field) before any model evaluation."""
+    reason = visualization.supports(meta)
+    if reason:
+        raise MethodUnsupported(reason, fields={"visualizations": visualization.name})
+    if raw_params is None:
+        raw_params = {}
+    if not isinstance(raw_params, Mapping):
+        raise BadParameter("\"params\" must be an object.", fields={"params": "an object"})
+    params = visualization.resolve(visualization.parse_params(raw_params, meta), meta)
+    resolved = json.loads(canonical_json(dataclasses.asdict(params)))
+    return MethodRequest(visualization.name, resolved, int(visualization.cost(params, meta)),
+                         int(visualization.version))
+
+
+# --- cache keys ---------------------------------------------------------------------------------
+
+def meta_fingerprint(meta: "ModelMeta") -> str:
+    """What besides the weights changes a result: preprocessing and labels (convscope.toml)."""
+    facts = {"architecture": meta.architecture, "input_size": list(meta.input_size),
+             "channels": meta.channels, "mean": list(meta.mean), "std": list(meta.std),
+             "resize": meta.resize, "classes": list(meta.class_names), "adapter": meta.adapter}
+    return hashlib.sha256(canonical_json(facts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model computed a result: the checkpoint's bytes and how its inputs are prepared."""
+
+    checkpoint_sha256: str
+    meta_fingerprint: str
+
+    @classmethod
+    def of(cls, meta: "ModelMeta") -> "ModelIdentity":
+        return cls(meta.sha256, meta_fingerprint(meta))
+
+
+def prediction_key(image_id: str, model: ModelIdentity, top_k: int) -> str:
+    return result_key(kind="prediction", version=PREDICTION_VERSION, image=image_id,
+                      checkpoint=model.checkpoint_sha256, meta=model.meta_fingerprint,
+                      top_k=top_k)
+
+
+def visualization_key(image_id: str, model: ModelIdentity, request: MethodRequest,
+                      target: int) -> str:
+    return result_key(kind="visualization", image=image_id, checkpoint=model.checkpoint_sha256,
+                      meta=model.meta_fingerprint, method=request.name,
+                      version=request.version, params=request.params, target=target)
+
+
+# --- predicting ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image through the model once: what every method of that image starts from."""
+
+    view: "Image.Image"                 # the picture the model sees (resized, cropped)
+    batch: "torch.Tensor"               # (1, C, H, W), normalized, on the model's device
+    probabilities: np.ndarray           # (num_classes,) float32
+    top: list[dict[str, Any]]           # [{"index", "label", "probability"}], best first
+
+    @property
+    def predicted(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    def record(self) -> dict[str, Any]:
+        """What a stored prediction says (its files are ``prediction_files``)."""
+        return {"kind": "prediction", "predictions": self.top, "predicted": self.predicted}
+
+    def files(self) -> dict[str, bytes]:
+        return {"model_view.png": encode_png(self.view),
+                "probabilities.npy": npy_bytes(self.probabilities)}
+
+
+def predict(model: "LoadedModel", image: "Image.Image", top_k: int) -> Prediction:
+    view = model.model_view(image)
+    batch = model.to_tensor([view])
+    probabilities = model.predict(batch)[0].float().cpu()
+    return Prediction(view, batch, probabilities.numpy().astype(np.float32),
+                      model.top_k(probabilities, top_k))
+
+
+class StoredInputs:
+    """A stored prediction's inputs -- the model view, the batch and the probabilities -- each
+    read or built on first use: an image whose results are all stored needs none of them, and
+    the batch is built once for all its methods and targets."""
+
+    def __init__(self, file: Callable[[str], Path], model: Callable[[], "LoadedModel"]) -> None:
+        self._file = file           # name in the stored prediction -> its path
+        self._model = model         # loads the model on first need
+
+    @functools.cached_property
+    def view(self) -> "Image.Image":
+        from PIL import Image
+
+        with Image.open(self._file("model_view.png")) as image:
+            return image.convert("RGB") if image.mode not in ("RGB", "L") else image.copy()
+
+    @functools.cached_property
+    def probabilities(self) -> np.ndarray:
+        return np.load(self._file("probabilities.npy"), allow_pickle=False)
+
+    @functools.cached_property
+    def batch(self) -> "torch.Tensor":
+        return self._model().to_tensor([self.view])
+
+
+# --- visualizing --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PanelSet:
+    """One method on one image for one target: the result record and the files it names."""
+
+    record: dict[str, Any]
+    files: dict[str, bytes]
+
+
+def visualize(model: "LoadedModel", visualization: "Visualization", request: MethodRequest,
+              inputs: Any, target: int, context: RunContext | None = None) -> PanelSet:
+    """Run ``visualization`` with ``request``'s parameters on one image (``inputs``: a
+    ``Prediction`` or ``StoredInputs``) for class ``target``, and render its panels."""
+    params = visualization.parse_params(request.params, model.meta)
+    result = visualization.run(model, inputs.batch, [target], params, context,
+                               probabilities=inputs.probabilities)
+    files: dict[str, bytes] = {}
+    panels = [panel_record(number, panel, inputs.view, files)
+              for number, panel in enumerate(result.panels)]
+    record = {"kind": "visualization", "method": visualization.name,
+              "title": visualization.title, "version": request.version, "params": result.params,
+              "target": target, "elapsed_ms": round(result.elapsed_ms, 3), "panels": panels}
+    return PanelSet(record, files)
+
+
+def panel_record(number: int, panel: "Panel", view: "Image.Image",
+                 files: dict[str, bytes]) -> dict[str, Any]:
+    """Render one panel into ``files`` and describe it (the one panel record shape)."""
+    prefix = f"panel-{number}"
+    rendered = render_panel(panel, view, OVERLAY_OPACITY)
+    files[f"{prefix}-values.npy"] = npy_bytes(np.asarray(panel.values))
+    if panel.kind == "heatmap":
+        overlay, heatmap = f"{prefix}-overlay.png", f"{prefix}-heatmap.png"
+        files[overlay], files[heatmap] = rendered.overlay_png, rendered.heatmap_png
+    else:
+        # An image panel comes back as it is, in both slots: stored once.
+        overlay = heatmap = f"{prefix}-image.png"
+        files[overlay] = rendered.heatmap_png
+    low, high = rendered.value_range
+    return {"title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
+            "target": panel.target.to_dict() if panel.target is not None else None,
+            "value_range": [float(low), float(high)],
+            "metrics": {name: float(value) for name, value in panel.metrics.items()},
+            "notes": list(panel.notes),
+            "overlay": overlay, "heatmap": heatmap, "array": f"{prefix}-values.npy"}
+
+
+PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")
+
+
+def write_panel_set(panel_set: PanelSet, root: Path, prefix: str) -> list[dict[str, Any]]:
+    """Write a panel set's files under ``root`` as ``prefix + name`` (``prefix`` may name a
+    subfolder, e.g. ``"00-cat/grad_cam-t281-"``) and return its panel records with their file
+    fields as those paths, relative to ``root``."""
+    for name, data in panel_set.files.items():
+        path = root / f"{prefix}{name}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return [{**panel, **{field: f"{prefix}{panel[field]}" for field in PANEL_FILE_FIELDS}}
+            for panel in panel_set.record["panels"]]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
