@@ -45,6 +45,11 @@ class Settings:
     max_cost: int = field(default=5000, metadata={
         "help": "most model evaluations one visualization may need per image and target "
                 "(E_TOO_EXPENSIVE above)", "min": 1})
+    max_job_cost: int = field(default=10000, metadata={
+        "help": "most model evaluations one job may need in all: methods x images x targets, "
+                "counting the true and predicted class of a possible failure case "
+                "(E_TOO_EXPENSIVE above); keeps one job from holding the device for hours",
+        "min": 1})
     max_images_per_job: int = field(default=16, metadata={"help": "images in one job", "min": 1})
     max_targets_per_job: int = field(default=5, metadata={
         "help": "target classes in one job", "min": 1})

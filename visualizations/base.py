@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 import types
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from app.errors import (BadParameter, Cancelled, DeviceOOM, MethodUnsupported, ModelOutputInvalid,
+from app.errors import (BadParameter, DeviceOOM, MethodUnsupported, ModelOutputInvalid,
                         UnknownClass, UnknownVisualization)
 from app.registry import Registry
 from visualizations.context import RunContext
@@ -250,15 +249,14 @@ def is_predicted(spec: int | str) -> bool:
     return isinstance(spec, str) and spec.strip().lower() in ("predicted", "prediction", "top1")
 
 
-def resolve_targets(meta: "ModelMeta", probabilities: np.ndarray,
+def resolve_targets(meta: "ModelMeta", predicted: int,
                     targets: Sequence[int | str] | None) -> list[int]:
-    """Class indices for ``"predicted"`` / index / label specs, in order, without repeats."""
+    """Class indices for ``"predicted"`` / index / label specs, in order, without repeats;
+    ``predicted`` is the model's top class for this image. The one place "predicted" is
+    resolved: ``Visualization.run`` and ``app.pipeline`` both call it."""
     indices: list[int] = []
     for spec in targets or ["predicted"]:
-        if is_predicted(spec):
-            index = int(np.argmax(probabilities))
-        else:
-            index = meta.class_index(spec)
+        index = int(predicted) if is_predicted(spec) else meta.class_index(spec)
         if index not in indices:
             indices.append(index)
     if not indices:
@@ -269,7 +267,7 @@ def resolve_targets(meta: "ModelMeta", probabilities: np.ndarray,
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _hook_ids(module: "torch.nn.Module") -> set[tuple[int, str, int]]:
+def hook_ids(module: "torch.nn.Module") -> set[tuple[int, str, int]]:
     """Every hook handle id on the module tree, to find hooks a method forgot to remove."""
     return {(id(m), name, key) for m in module.modules() for name in _HOOK_DICTS
             for key in getattr(m, name, {})}
@@ -339,11 +337,11 @@ class Visualization(ABC):
         batch = batch.to(model.device)  # methods build their tensors on the batch's device
         with model.lock:
             started = time.perf_counter()  # the method's own time, not the wait for the lock
-            hooks_before = _hook_ids(model.module)
+            hooks_before = hook_ids(model.module)
             try:
                 if probabilities is None:
                     probabilities = model.predict(batch)[0].cpu().numpy()
-                indices = resolve_targets(model.meta, probabilities, targets)
+                indices = resolve_targets(model.meta, int(np.argmax(probabilities)), targets)
                 prepare_model(model)
                 panels: list[Panel] = []
                 for number, index in enumerate(indices):
@@ -397,7 +395,7 @@ def _checked(panel: Panel) -> Panel:
 def _remove_leftover_hooks(module: "torch.nn.Module", before: set[tuple[int, str, int]]) -> None:
     """Methods use context managers for hooks; this is the backstop if one leaks anyway. Only
     hooks added during the run are removed; the model's own hooks stay."""
-    leaked = _hook_ids(module) - before
+    leaked = hook_ids(module) - before
     if not leaked:
         return
     import logging

@@ -1,21 +1,30 @@
 """``Executor``: the embedded job backend -- one thread per process that owns the device.
 
-It takes jobs from a bounded queue and runs them one at a time (``app.jobs.visualize``); HTTP
-threads only validate, enqueue and read records, and never run a model. Between jobs it rescans
-the checkpoint directory (a scan loads new files, which HTTP threads must not do) and keeps the
-data directory within its time-to-live and quota (``app.retention``).
+Submitted jobs wait in a bounded queue (``CONVSCOPE_QUEUE_SIZE``; more get 503 ``E_BUSY``);
+cancelling a waiting job takes it out at once, freeing its place. Up to ``MAX_ACTIVE`` jobs run
+at a time, interleaved fairly: the thread gives each running job one step in turn (a prediction,
+or one method for one target; ``app.jobs.visualize``). A step that computes for long (an
+occlusion map) offers turns to the other jobs whenever it reports progress, at most every
+``TURN_S`` seconds, so a Grad-CAM job submitted behind a long occlusion job finishes in seconds
+instead of waiting for it.
+
+HTTP threads only validate, enqueue and read records, and never run a model. Between steps the
+thread also rescans the checkpoint directory (a scan loads new files, which HTTP threads must
+not do) and keeps the data directory within its time-to-live and quota (``app.retention``).
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from typing import TYPE_CHECKING
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
 
 from app.errors import Busy, Cancelled
 from app.jobs.record import CANCELLED, QUEUED, RUNNING, Job
 from app.jobs.spec import JobSpec
-from app.jobs.visualize import run_job
+from app.jobs.visualize import VisualizeRun, finish_job, start_job
 from app.retention import Retention
 
 if TYPE_CHECKING:
@@ -24,25 +33,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class Executor:
-    """One thread that owns the device and runs jobs, one at a time, from a bounded queue.
+@dataclass
+class _Running:
+    job: Job
+    steps: Iterator[None]
 
-    Between jobs it also rescans the checkpoint directory, so a new checkpoint (a training run
-    writing ``epoch_12.pt``) is listed within seconds while HTTP threads only read the listing.
-    """
+
+class Executor:
+    """One thread that owns the device and runs jobs from a bounded queue, interleaved."""
 
     CATALOG_REFRESH_S = 1.5
+    MAX_ACTIVE = 4          # jobs interleaved at once; the rest wait in the queue, in order
+    TURN_S = 0.5            # a long step lets the other running jobs take a turn this often
 
     def __init__(self, services: "Services") -> None:
         self.services = services
         self.settings = services.settings
         self.catalog = services.catalog
         self.jobs = services.jobs
-        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=self.settings.queue_size)
+        self._lock = threading.Condition()
+        self._waiting: deque[Job] = deque()         # submitted, not started
+        self._running: deque[_Running] = deque()    # started; the next to take a turn first
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._catalog_ready = threading.Event()
-        self._current: Job | None = None
+        self._in_nested_turns = False
+        self._last_turns = time.monotonic()
+        self._last_refresh = 0.0
         self.retention = Retention.from_settings(self.settings, images=services.images,
                                                  results=services.results, jobs=self.jobs)
 
@@ -70,32 +87,23 @@ class Executor:
         return self._catalog_ready.wait(timeout)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Cancel queued and running jobs (recording why) and stop the thread."""
+        """Cancel waiting and running jobs (recording why) and stop the thread."""
         if self._stopping.is_set():
             return
-        self._stopping.set()
-        while True:             # empty the queue, so the stop sentinel fits
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        # Every job of this process, not only those just taken from the queue: a submit that
-        # raced with this call may have enqueued after the queue was emptied.
-        current = self._current
+        with self._lock:
+            self._stopping.set()
+            self._waiting.clear()
+            self._lock.notify_all()
+        # Every job of this process, not only the queue's: a submit that raced with this call
+        # may have recorded its job after the queue was emptied.
         for job in self.jobs.live_jobs():
             job.cancel_event.set()          # a running job ends at its next check, recorded
-            if job is current:
-                continue
             with job.lock:
                 if job.terminal or job.status == RUNNING:
                     continue
                 job.finish(CANCELLED, Cancelled("The server shut down before this job "
                                                 "started; submit it again."))
             self.jobs.save(job)
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -107,16 +115,16 @@ class Executor:
             raise Busy("The server is shutting down; try again shortly.",
                        headers={"Retry-After": str(self.settings.retry_after_s)})
         job = Job(self.jobs.new_id(), spec)
-        for image_id in spec.images:
-            self.services.images.touch(image_id)     # in use: evicted last
-        self.jobs.add(job)        # recorded first: the executor may pick it up at once
-        try:
-            self._queue.put_nowait(job.id)
-        except queue.Full:
-            self.jobs.discard(job)
-            raise Busy(f"The job queue is full ({self.settings.queue_size} jobs waiting); try "
-                       "again shortly.",
-                       headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        with self._lock:
+            if len(self._waiting) >= self.settings.queue_size:
+                raise Busy(f"The job queue is full ({self.settings.queue_size} jobs waiting); "
+                           "try again shortly.",
+                           headers={"Retry-After": str(self.settings.retry_after_s)})
+            for image_id in spec.images:
+                self.services.images.touch(image_id)     # in use: evicted last
+            self.jobs.add(job)        # recorded before the thread can take it
+            self._waiting.append(job)
+            self._lock.notify_all()
         if self._stopping.is_set():     # shutdown began meanwhile: its sweep may have missed it
             with job.lock:
                 if job.status == QUEUED:
@@ -126,8 +134,9 @@ class Executor:
         return job
 
     def cancel(self, job_id: str) -> Job:
-        """Cancel a job: at once when queued here, promptly when running here, and through a
-        marker file when another server process (gunicorn worker) owns it."""
+        """Cancel a job: at once when waiting here (its place in the queue is freed), promptly
+        when running here, and through a marker file when another server process (gunicorn
+        worker) owns it."""
         job = self.jobs.get(job_id)
         if self.jobs.live(job.id) is None and not job.terminal:
             self.jobs.request_cancel(job.id)
@@ -139,46 +148,129 @@ class Executor:
             if job.status == QUEUED:
                 job.finish(CANCELLED, Cancelled("The job was cancelled before it started."))
         if job.status == CANCELLED:
-            self.jobs.save(job)
+            self._unqueue(job)
         return job
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        with self._lock:
+            return len(self._waiting)
+
+    def _unqueue(self, job: Job) -> None:
+        """A job cancelled before it started: out of the queue and out of memory, recorded."""
+        with self._lock:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass            # the thread took it meanwhile; start_job will skip it
+        self.jobs.save(job)
+        self.jobs.forget(job)
 
     # the executor thread
 
     def _loop(self) -> None:
         self._scan_catalog()
         while True:
-            try:
-                job_id = self._queue.get(timeout=self.CATALOG_REFRESH_S)
-            except queue.Empty:
-                if self._stopping.is_set():
-                    break
-                self._refresh_catalog()
-                self._maintain_store()
-                continue
-            if job_id is None:
-                break
-            job = self.jobs.live(job_id)
-            if job is None or job.terminal:
-                continue
-            # Current before the stopping check: a shutdown either sees this job as current
-            # (and cancels it) or has already set stopping (and _JobRun stops at its first check).
-            self._current = job
-            try:
-                self._run(job)
-            except Exception:  # noqa: BLE001 -- e.g. the job record cannot be saved (disk full)
-                log.exception("job %s could not be recorded", job.id[:8])
-            finally:
-                self._current = None
+            with self._lock:
+                if not self._waiting and not self._running:
+                    if self._stopping.is_set():
+                        break
+                    self._lock.wait(self.CATALOG_REFRESH_S)
+            self._pick_up_cancel_requests()
+            self._admit()
+            if self._running:
+                self._take_turn(self._running.popleft())
+            self._between_steps()
+
+    def _admit(self) -> None:
+        """Start waiting jobs, in order, while fewer than MAX_ACTIVE run."""
+        while len(self._running) < self.MAX_ACTIVE:
+            with self._lock:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            running = self._start(job)
+            if running is not None:
+                self._running.append(running)
+
+    def _start(self, job: Job) -> _Running | None:
+        try:
+            if not start_job(self.services, job):
                 self.jobs.forget(job)
+                return None
+        except Exception:  # noqa: BLE001 -- e.g. the job record cannot be saved (disk full)
+            log.exception("job %s could not be recorded", job.id[:8])
+            self.jobs.forget(job)
+            return None
+        run = VisualizeRun(self.services, job, stopping=self._stopping.is_set,
+                           offer_turn=self._offer_turns)
+        return _Running(job, run.steps())
+
+    def _take_turn(self, running: _Running) -> None:
+        """One step of ``running``; then it goes to the back of the line, or is recorded as
+        finished."""
+        if not self._in_nested_turns:
+            self._last_turns = time.monotonic()
+        try:
+            next(running.steps)
+        except StopIteration:
+            self._finish(running, None)
+        except Exception as error:  # noqa: BLE001 -- recorded by finish_job
+            self._finish(running, error)
+        else:
+            self._running.append(running)
+
+    def _finish(self, running: _Running, error: BaseException | None) -> None:
+        try:
+            finish_job(self.services, running.job, error, stopping=self._stopping.is_set)
+        except Exception:  # noqa: BLE001 -- e.g. the job record cannot be saved (disk full)
+            log.exception("job %s could not be recorded", running.job.id[:8])
+        finally:
+            self.jobs.forget(running.job)
+
+    def _offer_turns(self) -> None:
+        """Called by a long step when it reports progress: every TURN_S, give each other
+        running job (and newly admitted ones) one step, right here, then go on. Nested steps
+        never offer turns themselves."""
+        if self._in_nested_turns or time.monotonic() - self._last_turns < self.TURN_S:
+            return
+        import torch
+
+        self._in_nested_turns = True
+        try:
+            self._pick_up_cancel_requests()
+            self._admit()
+            # The offering step may run under inference mode; the others need gradients.
+            with torch.inference_mode(False), torch.enable_grad():
+                for _ in range(len(self._running)):
+                    self._take_turn(self._running.popleft())
+        finally:
+            self._in_nested_turns = False
+            self._last_turns = time.monotonic()
+
+    def _pick_up_cancel_requests(self) -> None:
+        """Waiting jobs cancelled through another server process leave the queue now, not when
+        their turn would come."""
+        with self._lock:
+            cancelled = [job for job in self._waiting if self.jobs.cancel_requested(job)]
+        for job in cancelled:
+            with job.lock:
+                if job.status != QUEUED:
+                    continue
+                job.cancel_event.set()
+                job.finish(CANCELLED, Cancelled("The job was cancelled before it started."))
+            self.jobs.clear_cancel_request(job)
+            self._unqueue(job)
+
+    def _between_steps(self) -> None:
+        now = time.monotonic()
+        if now - self._last_refresh >= self.CATALOG_REFRESH_S:
+            self._last_refresh = now
             self._refresh_catalog()
-            self._maintain_store()
+        self._maintain_store()
 
     def _maintain_store(self) -> None:
-        """Time-to-live and quota (app.retention), here between jobs: a pass lists whole
-        store directories, which HTTP threads must not do. Images of queued jobs are kept."""
+        """Time-to-live and quota (app.retention), here between steps: a pass lists whole
+        store directories, which HTTP threads must not do. Images of live jobs are kept."""
         if self._stopping.is_set() or not self.retention.due():
             return
         needed = {image_id for job in self.jobs.live_jobs() if not job.terminal
@@ -200,10 +292,8 @@ class Executor:
             try:
                 self.catalog.entries()
                 self._catalog_ready.set()
+                self._last_refresh = time.monotonic()
                 return
             except Exception:  # noqa: BLE001 -- keep retrying; /ready says 503 meanwhile
                 log.exception("scanning the checkpoint directory failed; retrying")
                 self._stopping.wait(2.0)
-
-    def _run(self, job: Job) -> None:
-        run_job(self.services, job, stopping=self._stopping.is_set)

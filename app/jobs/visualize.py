@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from app.errors import Cancelled, ConvscopeError, Internal, UnknownModel
 from app.jobs.record import (CANCELLED, DONE, FAILED, RUNNING, ImageOutcome, Job, JobItem,
                              error_dict)
 from app.pipeline import (MethodRequest, StoredInputs, image_targets, predict, prediction_key,
                           visualization_key, visualize)
+from visualizations.base import hook_ids
 from visualizations.context import RunContext
 
 if TYPE_CHECKING:
@@ -30,40 +31,59 @@ def cancel_reason_text(stopping: bool) -> str:
             else "The job was cancelled.")
 
 
-def run_job(services: "Services", job: Job, *, stopping: Callable[[], bool]) -> None:
-    """Run ``job`` to a terminal status and save it (``stopping``: whether this process is
-    shutting down, which cancels the job at its next check)."""
+def start_job(services: "Services", job: Job) -> bool:
+    """Mark ``job`` running and save it; False when it was cancelled before it could start."""
     with job.lock:
         if job.terminal:        # cancelled after it was taken from the queue
-            return
+            return False
         job.status, job.started = RUNNING, time.time()
     services.jobs.save(job)
     log.info("job %s started: %d images x %d methods", job.id[:8], len(job.spec.images),
              len(job.spec.methods))
+    return True
+
+
+def finish_job(services: "Services", job: Job, error: BaseException | None, *,
+               stopping: Callable[[], bool]) -> None:
+    """Record how a started job ended: ``error`` is what stopped its run (None: it ran out)."""
     try:
-        VisualizeRun(services, job, stopping=stopping).run()
-    except Cancelled:
-        job.finish(CANCELLED, Cancelled(cancel_reason_text(stopping())))
-    except ConvscopeError as error:
-        job.finish(FAILED, error)
-    except Exception:  # noqa: BLE001 -- a broken job must not stop the executor
-        log.exception("job %s failed unexpectedly", job.id[:8])
-        job.finish(FAILED, Internal("The job failed unexpectedly; the server log has details."))
-    else:
-        failed = [item for item in job.items if item.status == FAILED]
-        if failed:
-            job.finish(FAILED, {"code": failed[0].error["code"] if failed[0].error
-                                else "E_INTERNAL",
-                                "message": f"{len(failed)} of {len(job.items)} "
-                                           "visualizations failed; see each for the reason."})
+        if isinstance(error, Cancelled):
+            job.finish(CANCELLED, Cancelled(cancel_reason_text(stopping())))
+        elif isinstance(error, ConvscopeError):
+            job.finish(FAILED, error)
+        elif error is not None:
+            log.error("job %s failed unexpectedly", job.id[:8],
+                      exc_info=(type(error), error, error.__traceback__))
+            job.finish(FAILED, Internal("The job failed unexpectedly; the server log has "
+                                        "details."))
         else:
-            job.finish(DONE)
+            failed = [item for item in job.items if item.status == FAILED]
+            if failed:
+                job.finish(FAILED, {"code": failed[0].error["code"] if failed[0].error
+                                    else "E_INTERNAL",
+                                    "message": f"{len(failed)} of {len(job.items)} "
+                                               "visualizations failed; see each for the reason."})
+            else:
+                job.finish(DONE)
     finally:
         _release_device_memory()
         services.jobs.clear_cancel_request(job)
         services.jobs.save(job)
     log.info("job %s %s (model runs %d, cache hits %d)", job.id[:8], job.status,
              job.model_runs, job.cache_hits)
+
+
+def run_job(services: "Services", job: Job, *, stopping: Callable[[], bool]) -> None:
+    """Run ``job`` from start to a recorded end in one go (``stopping``: whether this process
+    is shutting down, which cancels the job at its next check)."""
+    if not start_job(services, job):
+        return
+    error: BaseException | None = None
+    try:
+        VisualizeRun(services, job, stopping=stopping).run()
+    except Exception as raised:  # noqa: BLE001 -- recorded by finish_job
+        error = raised
+    finish_job(services, job, error, stopping=stopping)
 
 
 def _release_device_memory() -> None:
@@ -77,17 +97,26 @@ def _release_device_memory() -> None:
 
 
 class VisualizeRun:
-    """One visualization job's items, run in the thread that owns the device."""
+    """One visualization job's items, run in the thread that owns the device.
+
+    ``steps()`` runs the job one unit at a time (a prediction, or one method for one target),
+    so a backend can interleave several jobs; ``run()`` runs it whole. ``offer_turn`` (given by
+    the backend) is called while a long computation reports progress, and may run other jobs'
+    steps right there -- only while this model carries no hooks of a running method, so those
+    steps' forward passes are never seen by this computation's hooks."""
 
     CHECKPOINT_S = 1.0
 
     def __init__(self, services: "Services", job: Job, *,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False,
+                 offer_turn: Callable[[], None] | None = None) -> None:
         self.services = services
         self.job = job
         self.spec = job.spec
         self.stopping = stopping
+        self._offer_turn = offer_turn
         self._model: "LoadedModel | None" = None
+        self._model_hooks: set[Any] = set()
         self._load_error: ConvscopeError | None = None
         self._last_checkpoint = time.monotonic()
 
@@ -105,12 +134,17 @@ class VisualizeRun:
                 self._load_error = error
                 raise
             self._model = model
+            self._model_hooks = hook_ids(model.module)     # the model's own, if any
         return self._model
 
     def _job_level(self, error: BaseException) -> bool:
         return isinstance(error, Cancelled) or error is self._load_error
 
     def run(self) -> None:
+        for _ in self.steps():
+            pass
+
+    def steps(self) -> Iterator[None]:
         for image_index, image_id in enumerate(self.spec.images):
             if self.services.jobs.cancel_requested(self.job) or self.stopping():
                 self.job.cancel_event.set()
@@ -126,9 +160,10 @@ class VisualizeRun:
                     raise
                 self._fail_image(image_index, error)
                 continue
+            yield
             for method_index, method in enumerate(self.spec.methods):
-                self._run_item(self.job.item(image_index, method_index), image_id, method,
-                               targets, inputs)
+                yield from self._run_item(self.job.item(image_index, method_index), image_id,
+                                          method, targets, inputs)
 
     def _raise_cancelled(self) -> None:
         raise Cancelled(cancel_reason_text(self.stopping()))
@@ -179,7 +214,7 @@ class VisualizeRun:
     # one image x one method
 
     def _run_item(self, item: JobItem, image_id: str, method: MethodRequest,
-                  targets: list[int], inputs: Any) -> None:
+                  targets: list[int], inputs: Any) -> Iterator[None]:
         if self.job.cancel_event.is_set():
             self._raise_cancelled()
         with self.job.lock:
@@ -210,6 +245,7 @@ class VisualizeRun:
                     item.result_keys.append(key)
                     item.elapsed_ms += float(stored.record.get("elapsed_ms", 0.0))
                     item.progress = (number + 1) / len(targets)
+                yield
             with self.job.lock:
                 item.status, item.progress = DONE, 1.0
         except Cancelled:
@@ -236,6 +272,9 @@ class VisualizeRun:
             with self.job.lock:
                 item.progress = (number + fraction) / count
             self._checkpoint()
+            if (self._offer_turn is not None and self._model is not None
+                    and hook_ids(self._model.module) == self._model_hooks):
+                self._offer_turn()
         return report
 
     def _checkpoint(self) -> None:

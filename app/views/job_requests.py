@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from app.errors import BadRequest, TooExpensive, UnknownModel
 from app.jobs.spec import JobSpec
-from app.pipeline import PREDICTED, meta_fingerprint, method_request, target_spec
+from app.pipeline import PREDICTED, MethodRequest, meta_fingerprint, method_request, target_spec
 from app.stores import ImageStore
 
 if TYPE_CHECKING:
@@ -118,7 +118,28 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
             continue
         true_labels[image_id] = meta.class_index(label)
 
+    _check_job_cost(methods, image_ids, targets, true_labels, settings)
     return JobSpec(model_id=entry.id, model_file=entry.file, checkpoint_sha256=entry.sha256,
                    meta_fingerprint=meta_fingerprint(meta), images=tuple(image_ids),
                    filenames=tuple(filenames), methods=tuple(methods), targets=tuple(targets),
                    true_labels=true_labels)
+
+
+def _check_job_cost(methods: list[MethodRequest], image_ids: list[str],
+                    targets: list[int | str], true_labels: Mapping[str, int],
+                    settings: "Settings") -> None:
+    """Refuse a job whose total cost is over the job limit, before it is queued. Each image is
+    counted with every requested target, plus its predicted and true class when it has a true
+    label (a failure case gets panels for both); that is an upper bound."""
+    per_target = sum(method.cost for method in methods)
+    targets_in_all = sum(len(set(targets) | ({PREDICTED, true_labels[image_id]}
+                                            if image_id in true_labels else set()))
+                         for image_id in image_ids)
+    total = per_target * targets_in_all
+    if total > settings.max_job_cost:
+        raise TooExpensive(
+            f"This job needs up to {total:,} model evaluations ({len(methods)} methods, "
+            f"{len(image_ids)} images, {targets_in_all} image-target pairs), over this "
+            f"server's limit of {settings.max_job_cost:,} per job; split it into smaller jobs "
+            "or choose cheaper parameters.",
+            fields={"visualizations": f"at most {settings.max_job_cost} evaluations per job"})

@@ -10,7 +10,7 @@ from torch import nn
 from app.errors import DeviceOOM
 from tests.visualizations.models import TinyCnn, wrap
 from visualizations import visualization_registry
-from visualizations.base import RunContext, _hook_ids
+from visualizations.base import RunContext, hook_ids
 from visualizations import batching
 from visualizations.batching import (CPU_BATCH_SIZE, activation_bytes, call_with_oom_fallback,
                                      choose_batch_size, for_each_batch)
@@ -142,7 +142,7 @@ def test_methods_fall_back_to_smaller_batches(name: str, raw: dict) -> None:
     reference = method.run(model, image, None, raw, RunContext(batch_size=2))
     for got, want in zip(result.panels, reference.panels):
         np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
-    assert not _hook_ids(model.module)
+    assert not hook_ids(model.module)
 
 
 @pytest.mark.parametrize("make_error", [injected_oom, cpu_allocator_oom])
@@ -165,7 +165,7 @@ def test_oom_even_at_batch_one_is_device_oom(name: str, make_error) -> None:
     with pytest.raises(DeviceOOM) as caught:
         method.run(model, image, None, {}, RunContext(batch_size=4))
     assert caught.value.http_status == 503
-    assert not _hook_ids(model.module)
+    assert not hook_ids(model.module)
 
 
 def test_gpu_budget_counts_memory_cached_by_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from model_adapters.base import LoadedModel
 from tests.visualizations.models import (NanModel, NanWhenOccluded, TinyCnn, TinyTransformer,
                                          TwoLinearHead, wrap)
 from visualizations import visualization_registry
-from visualizations.base import RunContext, _hook_ids, params_to_dict
+from visualizations.base import RunContext, hook_ids, params_to_dict
 
 METHODS = visualization_registry.names()
 CAM_FAMILY = {"cam", "grad_cam", "guided_grad_cam"}
@@ -156,14 +156,14 @@ def test_hooks_are_gone_afterwards(name: str, tiny_model: LoadedModel,
                                    tiny_image: torch.Tensor,
                                    caplog: pytest.LogCaptureFixture) -> None:
     own_hook = tiny_model.module.features[0].register_forward_hook(lambda *args: None)
-    before = _hook_ids(tiny_model.module)
+    before = hook_ids(tiny_model.module)
     with caplog.at_level(logging.ERROR, logger="visualizations.base"):
         visualization_registry.get(name).run(tiny_model, tiny_image, None, {})
-    assert _hook_ids(tiny_model.module) == before, "a hook was left behind (or ours removed)"
+    assert hook_ids(tiny_model.module) == before, "a hook was left behind (or ours removed)"
     # The method removed its own hooks; the base class's backstop had nothing to do.
     assert not [r for r in caplog.records if "leaked" in r.getMessage()]
     own_hook.remove()
-    assert not _hook_ids(tiny_model.module)
+    assert not hook_ids(tiny_model.module)
     assert all(parameter.grad is None for parameter in tiny_model.module.parameters())
 
 
@@ -189,7 +189,7 @@ def test_cancelled_before_start(name: str, tiny_model: LoadedModel,
         visualization_registry.get(name).run(tiny_model, tiny_image, None, {},
                                              RunContext(cancel_event=event))
     assert caught.value.code == "E_CANCELLED"
-    assert not _hook_ids(tiny_model.module)
+    assert not hook_ids(tiny_model.module)
 
 
 @pytest.mark.parametrize("name", sorted(BATCHED))
@@ -210,7 +210,7 @@ def test_cancelled_midway_stops_promptly(name: str, tiny_image: torch.Tensor) ->
                                                         batch_size=2))
     assert calls_at_cancel, "no progress was reported before the end"
     assert module.calls - calls_at_cancel[0] <= 1, "kept evaluating after the cancel"
-    assert not _hook_ids(model.module)
+    assert not hook_ids(model.module)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -277,7 +277,7 @@ def test_two_threads_on_one_model(name: str, tiny_image: torch.Tensor) -> None:
         assert not isinstance(results[slot], Exception), results[slot]
         for got, want in zip(results[slot].panels, expected[slot].panels):
             np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
-    assert not _hook_ids(model.module)
+    assert not hook_ids(model.module)
 
 
 def test_elapsed_time_excludes_waiting_for_the_model(tiny_model: LoadedModel,

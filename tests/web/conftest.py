@@ -98,8 +98,8 @@ def held_executor(make_app):
     client = app.test_client()
     executor = app.extensions["convscope"].executor
     gate, started = threading.Event(), threading.Event()
-    original = executor._run
-    executor._run = lambda job: (started.set(), gate.wait(10), original(job))
+    original = executor._start
+    executor._start = lambda job: (started.set(), gate.wait(10), original(job))[-1]
     image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
     yield app, client, executor, image, gate, started
     gate.set()

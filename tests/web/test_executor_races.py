@@ -51,7 +51,7 @@ def test_a_job_cancelled_after_the_loop_took_it_is_not_restarted(held_executor):
     executor.cancel(queued)                  # cancelled while queued ...
     from app.jobs.executor import Executor
 
-    Executor._run(executor, job)             # ... and the loop reaches it anyway
+    assert Executor._start(executor, job) is None    # ... and the loop reaches it anyway
     assert job.status == "cancelled" and job.started is None
     assert "before it started" in job.error["message"]
     gate.set()

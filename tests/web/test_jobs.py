@@ -166,14 +166,14 @@ def test_full_queue_answers_503_busy_with_retry_after(make_app):
     client = app.test_client()
     executor = app.extensions["convscope"].executor
     gate, started = threading.Event(), threading.Event()
-    original = executor._run
+    original = executor._start
 
     def held(job):          # keep the executor busy with the first job until released
         started.set()
         gate.wait(10)
-        original(job)
+        return original(job)
 
-    executor._run = held
+    executor._start = held
     image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
     accepted = [submit(client, [image]).json["id"]]
     assert started.wait(5)

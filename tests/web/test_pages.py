@@ -98,8 +98,8 @@ def test_running_job_page_has_progress_bars_and_cancel(make_app):
     client = app.test_client()
     executor = app.extensions["convscope"].executor
     gate = threading.Event()
-    original = executor._run
-    executor._run = lambda job: (gate.wait(10), original(job))
+    original = executor._start
+    executor._start = lambda job: (gate.wait(10), original(job))[-1]
     image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
     job_id = client.post("/api/v1/jobs", json={"images": [image], "visualizations": [
         {"name": "saliency"}, {"name": "grad_cam"}]}).json["id"]
