@@ -13,11 +13,14 @@ panels through these functions; a new caller composes them and never copies them
 
 The panel record is the same everywhere (result store, job API, the CLI's ``results.json``)::
 
-    {"title", "kind", "signed", "target", "value_range", "metrics", "notes",
+    {"title", "kind", "signed", "target", "value_range", "display", "metrics", "notes",
      "overlay", "heatmap", "array"}
 
 with file names relative to where the files are written; an image panel (``kind="image"``, e.g.
-the occlusion grid) is stored once and named by both ``overlay`` and ``heatmap``.
+the occlusion grid) is stored once and named by both ``overlay`` and ``heatmap``, and has no
+``display`` (None). ``value_range`` is the values' own range; ``display`` is the colour range
+the pictures use (``app.rendering.DisplayScale.record``: the method's clip percentile, its
+description for the legend, the ranges of the other clip choices, the smoothed view's sigma).
 
 No HTTP, no job records and no disk here besides ``write_panel_set``: the job executor puts a
 ``PanelSet`` into the ``ResultStore``, the CLI into its report folder.
@@ -36,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from app.errors import BadParameter, MethodUnsupported
-from app.rendering import OVERLAY_OPACITY, encode_png, render_panel
+from app.rendering import (OVERLAY_OPACITY, DisplayDefaults, display_scale, encode_png,
+                           render_panel)
 from app.stores import canonical_json, result_key
 from visualizations.base import is_predicted, resolve_targets
 from visualizations.context import RunContext
@@ -51,6 +55,9 @@ if TYPE_CHECKING:
 PREDICTED = "predicted"
 # Bumped when a stored prediction (its record, the model view or the probabilities) changes.
 PREDICTION_VERSION = 1
+# Bumped when a stored visualization's pictures or panel records change for the same arrays
+# (2: display scaling -- clipped colour ranges and the ``display`` record).
+RENDERING_VERSION = 2
 
 
 # --- what to compute ----------------------------------------------------------------------------
@@ -146,7 +153,8 @@ def visualization_key(image_id: str, model: ModelIdentity, request: MethodReques
                       target: int) -> str:
     return result_key(kind="visualization", image=image_id, checkpoint=model.checkpoint_sha256,
                       meta=model.meta_fingerprint, method=request.name,
-                      version=request.version, params=request.params, target=target)
+                      version=request.version, rendering=RENDERING_VERSION,
+                      params=request.params, target=target)
 
 
 # --- predicting ---------------------------------------------------------------------------------
@@ -224,7 +232,8 @@ def visualize(model: "LoadedModel", visualization: "Visualization", request: Met
     result = visualization.run(model, inputs.batch, [target], params, context,
                                probabilities=inputs.probabilities)
     files: dict[str, bytes] = {}
-    panels = [panel_record(number, panel, inputs.view, files)
+    defaults = DisplayDefaults.of(visualization)
+    panels = [panel_record(number, panel, inputs.view, files, defaults)
               for number, panel in enumerate(result.panels)]
     record = {"kind": "visualization", "method": visualization.name,
               "title": visualization.title, "version": request.version, "params": result.params,
@@ -232,11 +241,14 @@ def visualize(model: "LoadedModel", visualization: "Visualization", request: Met
     return PanelSet(record, files)
 
 
-def panel_record(number: int, panel: "Panel", view: "Image.Image",
-                 files: dict[str, bytes]) -> dict[str, Any]:
-    """Render one panel into ``files`` and describe it (the one panel record shape)."""
+def panel_record(number: int, panel: "Panel", view: "Image.Image", files: dict[str, bytes],
+                 defaults: DisplayDefaults = DisplayDefaults()) -> dict[str, Any]:
+    """Render one panel into ``files`` at its default display scale (``defaults``: the
+    method's) and describe it (the one panel record shape). The array is stored as computed."""
     prefix = f"panel-{number}"
-    rendered = render_panel(panel, view, OVERLAY_OPACITY)
+    scale = display_scale(panel, defaults) if panel.kind == "heatmap" else None
+    rendered = render_panel(panel, view, OVERLAY_OPACITY,
+                            scale.value_range if scale is not None else None)
     files[f"{prefix}-values.npy"] = npy_bytes(np.asarray(panel.values))
     if panel.kind == "heatmap":
         overlay, heatmap = f"{prefix}-overlay.png", f"{prefix}-heatmap.png"
@@ -245,13 +257,40 @@ def panel_record(number: int, panel: "Panel", view: "Image.Image",
         # An image panel comes back as it is, in both slots: stored once.
         overlay = heatmap = f"{prefix}-image.png"
         files[overlay] = rendered.heatmap_png
-    low, high = rendered.value_range
+    low, high = panel.value_range
     return {"title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
             "target": panel.target.to_dict() if panel.target is not None else None,
             "value_range": [float(low), float(high)],
+            "display": scale.record(panel, defaults) if scale is not None else None,
             "metrics": {name: float(value) for name, value in panel.metrics.items()},
             "notes": list(panel.notes),
             "overlay": overlay, "heatmap": heatmap, "array": f"{prefix}-values.npy"}
+
+
+def mark_panel_roles(panels: list[dict[str, Any]], predicted: int | None,
+                     true_index: int | None) -> None:
+    """Add what a results grid needs to one image's panel records of one method: ``primary``
+    (the first map of each target: the one a grid cell shows) and ``role`` ("predicted" or
+    "true" where the target is the image's top-1 or its true class, else None)."""
+    seen: set[int | None] = set()
+    for panel in panels:
+        index = panel["target"]["index"] if panel["target"] else None
+        panel["primary"] = panel["kind"] == "heatmap" and index not in seen
+        if panel["primary"]:
+            seen.add(index)
+        panel["role"] = ("predicted" if index is not None and index == predicted else
+                         "true" if index is not None and index == true_index else None)
+
+
+def grid_cell(panels: list[dict[str, Any]]) -> list[int]:
+    """Which of one image's panels of one method a results grid cell shows, by position: for a
+    failure case the predicted and the true class's maps side by side, else the first map."""
+    primary = [number for number, panel in enumerate(panels) if panel.get("primary")]
+    by_role = {role: next((n for n in primary if panels[n].get("role") == role), None)
+               for role in ("predicted", "true")}
+    if by_role["true"] is not None and by_role["predicted"] is not None:
+        return [by_role["predicted"], by_role["true"]]
+    return primary[:1]
 
 
 PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")

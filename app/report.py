@@ -8,8 +8,10 @@ means the bundled demo), runs the requested methods on every image and writes in
   the one the server stores (``app.pipeline.panel_record``: title, kind, signed, target,
   value_range, metrics, notes, overlay, heatmap, array), with paths relative to OUTDIR;
 * the PNGs and ``.npy`` arrays those paths name;
-* ``report.html`` -- one self-contained page (images inlined as data URIs, inline CSS) whose
-  panels use the job page's own macro (``templates/partials/panel.html``).
+* ``report.html`` -- one self-contained page (images inlined as data URIs, the job page's
+  stylesheet inline, no script) with the job page's results grid, detail and compare views
+  (``templates/partials/results.html``, ``panel.html``), each map at its method's default
+  colour scale; the views open through #fragment links (CSS ``:target``).
 
 Every image goes through ``app.pipeline`` exactly as a job's does, so the same image, checkpoint,
 method, parameters and target give byte-identical arrays here and on the server.
@@ -32,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from app.errors import BadParameter, ConvscopeError, ImageUnsupported, NotFound, StorageFull
-from app.pipeline import (PREDICTED, MethodRequest, image_targets, method_request, predict,
-                          target_spec, visualize, write_panel_set)
+from app.pipeline import (PREDICTED, MethodRequest, grid_cell, image_targets, mark_panel_roles,
+                          method_request, predict, target_spec, visualize, write_panel_set)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TOP_K = 5
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+STYLESHEET = TEMPLATE_DIR.parent / "static" / "css" / "convscope.css"
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -216,8 +219,10 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     (out_dir / slug / "model-view.png").write_bytes(view_png)
     record: dict[str, Any] = {"file": str(path), "predictions": prediction.top,
                               "visualizations": []}
-    page: dict[str, Any] = {"file": path.name, "view": _data_uri(view_png),
-                            "predictions": prediction.top, "methods": []}
+    # The page's row, shaped like the job page's (templates/partials/results.html).
+    page: dict[str, Any] = {"filename": path.name, "view_url": _data_uri(view_png),
+                            "predictions": prediction.top, "true_label": None,
+                            "failure": False, "visualizations": []}
     for request in requests:
         method = visualization_registry.get(request.name)
         panels: list[dict[str, Any]] = []
@@ -234,9 +239,12 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
         log.info("%s on %s: %.0f ms", method.name, path.name, elapsed_ms)
         record["visualizations"].append({"method": method.name, "params": params,
                                          "elapsed_ms": round(elapsed_ms, 1), "panels": panels})
-        page["methods"].append({"name": method.name, "title": method.title,
-                                "reference": method.reference, "params": params,
-                                "elapsed_ms": elapsed_ms, "panels": page_panels})
+        mark_panel_roles(page_panels, prediction.predicted, None)
+        page["visualizations"].append({"name": method.name, "title": method.title,
+                                       "reference": method.reference, "params": params,
+                                       "elapsed_ms": elapsed_ms, "status": "done", "cached": 0,
+                                       "error": None, "panels": page_panels,
+                                       "cell": grid_cell(page_panels)})
     return record, page
 
 
@@ -256,7 +264,8 @@ def model_record(model: "LoadedModel") -> dict[str, Any]:
 
 
 def render_html(results: dict[str, Any], pages: list[dict[str, Any]]) -> str:
-    """The self-contained report page (Jinja2 with autoescaping; images as data URIs)."""
+    """The self-contained report page (Jinja2 with autoescaping; images as data URIs; the job
+    page's stylesheet inline)."""
     import jinja2
 
     from app.rendering import legend_stops
@@ -264,7 +273,11 @@ def render_html(results: dict[str, Any], pages: list[dict[str, Any]]) -> str:
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
                                      autoescape=True, undefined=jinja2.StrictUndefined)
     template = environment.get_template("report.html")
-    return template.render(model=results["model"], images=pages,
+    rows = [{**page, "index": number} for number, page in enumerate(pages)]
+    methods = ([{"name": item["name"], "title": item["title"], "reference": item["reference"]}
+                for item in rows[0]["visualizations"]] if rows else [])
+    return template.render(model=results["model"], rows=rows, methods=methods,
+                           stylesheet=STYLESHEET.read_text(encoding="utf-8"),
                            legend={"unsigned": ", ".join(legend_stops(False)),
                                    "signed": ", ".join(legend_stops(True))},
                            created=time.strftime("%Y-%m-%d %H:%M"))

@@ -284,6 +284,11 @@ class Visualization(ABC):
     # Bumped whenever the method's output changes for the same inputs; stored results carry it
     # in their cache key, so a fixed method never serves maps computed by the old code.
     version: ClassVar[int] = 1
+    # How its maps are shown by default (colours only; arrays never change): values beyond this
+    # percentile of |map| saturate (None: the full range), and whether a smoothed-magnitude view
+    # is offered. Gradient maps set both: a few outlier pixels would otherwise set their scale.
+    display_clip_percentile: ClassVar[float | None] = None
+    display_smoothed_view: ClassVar[bool] = False
 
     def parse_params(self, raw: Mapping[str, Any] | None, meta: "ModelMeta | None" = None) -> Any:
         return parse_params(self.Params, raw, meta)

@@ -40,6 +40,8 @@ class GuidedGradCamMap(LayerVisualization):
     description = ("Grad-CAM's class regions multiplied by guided backpropagation: "
                    "pixel-sharp detail of what raises the class score.")
     reference = "https://arxiv.org/abs/1610.02391"
+    display_clip_percentile = 99.0     # display only: outlier pixels saturate
+    display_smoothed_view = True
     Params = GuidedGradCamParams
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:

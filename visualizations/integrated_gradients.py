@@ -59,6 +59,8 @@ class IntegratedGradientsMap(Visualization):
                    "gradients accumulated along the path from the baseline to the image. "
                    "Signed: red raises the score, blue lowers it.")
     reference = "https://arxiv.org/abs/1703.01365"
+    display_clip_percentile = 99.5     # display only: outlier pixels saturate
+    display_smoothed_view = True
     Params = IntegratedGradientsParams
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:

@@ -41,6 +41,8 @@ class SaliencyMap(Visualization):
                    "absolute input gradient over the colour channels. SmoothGrad averages over "
                    "noisy copies for a cleaner map.")
     reference = "https://arxiv.org/abs/1312.6034"
+    display_clip_percentile = 99.5     # display only: outlier pixels saturate
+    display_smoothed_view = True
     Params = SaliencyParams
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:

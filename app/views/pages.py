@@ -1,9 +1,10 @@
 """The HTML pages: the workbench (``/``), a job (``/jobs/<id>``) and the catalog (``/models``).
 
 Pages are rendered on the server from the same dicts as their JSON twins and work without
-JavaScript: the workbench form posts to ``/`` (uploads + job in one request) and the job page
-refreshes itself. ``static/js`` adds drag and drop, thumbnails, live progress and the opacity
-sliders on top.
+JavaScript: the workbench form posts to ``/`` (uploads + job in one request), the job page
+refreshes itself while it runs, and its results grid links to detail and compare sections that
+CSS shows by their #fragment. ``static/js`` adds drag and drop, thumbnails, live progress,
+the grid's keyboard navigation and in-place views, and colour scales on top.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from werkzeug.datastructures import MultiDict
 
 from app.errors import ConvscopeError
 from app.jobs.record import TERMINAL
-from app.pipeline import PREDICTED
+from app.pipeline import PREDICTED, grid_cell
 from app.services import services
 from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail
@@ -111,16 +112,28 @@ def submit_workbench() -> Response | tuple[str, int]:
 
 
 def _ordered_results(view: dict[str, Any]) -> list[dict[str, Any]]:
-    """Failure cases (true label != top-1) first, then the rest in submission order."""
-    return sorted(view["results"], key=lambda result: not result["failure"])
+    """The grid's rows: failure cases (true label != top-1) first, then the rest in submission
+    order; each keeps its submission ``index`` (the page's ids use it) and gets the picture
+    under its maps (``view_url``) and, per method, the panels its grid cell shows (``cell``)."""
+    rows = []
+    for index, result in enumerate(view["results"]):
+        visualizations = [{**item, "cell": grid_cell(item["panels"])}
+                          for item in result["visualizations"]]
+        rows.append({**result, "index": index, "visualizations": visualizations,
+                     "view_url": result["model_view_url"] or result["image_url"]})
+    return sorted(rows, key=lambda row: not row["failure"])
 
 
 @pages.get("/jobs/<job_id>")
 def job(job_id: str) -> str:
+    from app.rendering import colormap_hex
+
     svc = _services()
     view = job_view(svc.jobs.get(job_id), svc)
     return render_template("pages/job.html", job=view, results=_ordered_results(view),
-                           finished=view["status"] in TERMINAL)
+                           finished=view["status"] in TERMINAL,
+                           colormaps={"unsigned": colormap_hex(False),
+                                      "signed": colormap_hex(True)})
 
 
 @pages.post("/jobs/<job_id>/cancel")

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from flask import url_for
 
 from app.errors import ResultExpired
+from app.pipeline import mark_panel_roles
+from app.rendering import scale_description
 
 if TYPE_CHECKING:
     from app.jobs.record import Job
@@ -44,7 +46,20 @@ def _panel(key: str, panel: dict[str, Any]) -> dict[str, Any]:
             "signed": panel["signed"], "overlay_url": file_url(panel["overlay"]),
             "heatmap_url": file_url(panel["heatmap"]), "array_url": file_url(panel["array"]),
             "json_url": file_url("result.json"), "value_range": panel["value_range"],
+            "display": (panel["display"] if "display" in panel
+                        else _display_before_scaling(panel)),
             "metrics": panel["metrics"], "notes": panel["notes"]}
+
+
+def _display_before_scaling(panel: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``display`` of a panel stored before display scaling existed (a job record may still
+    name one): its pictures span the full range."""
+    if panel["kind"] != "heatmap":
+        return None
+    value_range = (float(panel["value_range"][0]), float(panel["value_range"][1]))
+    return {"scale": "full", "clip_percentile": None, "range": list(value_range),
+            "description": scale_description("full", bool(panel["signed"]), None, value_range),
+            "ranges": {"100": list(value_range)}, "smoothing_sigma_px": None, "size": None}
 
 
 def _expired() -> dict[str, Any]:
@@ -80,12 +95,10 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
                     expired = True
                     continue
                 entry["params"] = dict(stored.record.get("params", entry["params"]))
-                panels = [_panel(key, panel) for panel in stored.record["panels"]]
-                # The first map of each target is the one the compact grid shows.
-                first_map = next((p for p in panels if p["kind"] == "heatmap"), None)
-                for panel in panels:
-                    panel["primary"] = panel is first_map
-                entry["panels"].extend(panels)
+                entry["panels"].extend(_panel(key, panel) for panel in stored.record["panels"])
+            mark_panel_roles(entry["panels"], outcome["predicted"] if outcome else None,
+                             outcome["true_label"]["index"]
+                             if outcome and outcome["true_label"] else None)
             visualizations.append(entry)
         results.append({
             "image": image_id, "filename": spec.filenames[image_index],

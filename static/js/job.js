@@ -1,4 +1,5 @@
-// Job page: live progress while the job runs (polling its JSON twin), then the opacity sliders.
+// Job page: live progress while the job runs (polling its JSON twin), then the panels' opacity
+// sliders (the results grid is results.js, colour scales maps.js).
 // Without this script the page refreshes itself every few seconds (<noscript> meta refresh).
 "use strict";
 
@@ -11,9 +12,8 @@
     const slider = panel.querySelector(".opacity-slider");
     const layer = panel.querySelector(".layer");
     if (!slider || !layer) return;
-    const apply = () => { layer.style.opacity = slider.value; };
-    slider.addEventListener("input", apply);
-    apply();
+    // Until moved, the layer follows the page-wide opacity (results.js); then this slider's.
+    slider.addEventListener("input", () => { layer.style.opacity = slider.value; });
   });
 
   if (root.dataset.finished === "true") return;

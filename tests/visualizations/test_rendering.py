@@ -121,3 +121,152 @@ def test_render_panel_heatmap_and_image_panels() -> None:
 def test_non_finite_values_do_not_crash_rendering(signed: bool) -> None:
     values = np.array([[np.nan, 1.0], [np.inf, -np.inf]], dtype=np.float32)
     assert colorize(values, signed).shape == (2, 2, 3)
+
+
+# --- display scaling -----------------------------------------------------------------------------
+
+def linear_percentile(values: np.ndarray, percent: float) -> float:
+    """A reference percentile written out by hand (sort, then interpolate between neighbours:
+    numpy's default "linear" method), independent of np.percentile."""
+    ordered = sorted(float(v) for v in np.ravel(values))
+    position = (len(ordered) - 1) * percent / 100.0
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def test_clipped_ranges_match_a_hand_written_percentile() -> None:
+    from app.rendering import CLIP_CHOICES, clipped_ranges
+
+    rng = np.random.default_rng(3)
+    unsigned = rng.gamma(1.0, 1.0, size=(40, 30)).astype(np.float32)
+    ranges = clipped_ranges(unsigned, signed=False)
+    assert set(ranges) == set(CLIP_CHOICES)
+    assert ranges[100.0] == pytest.approx((unsigned.min(), unsigned.max()))
+    for percent in (99.5, 99.0, 97.0):
+        low, high = ranges[percent]
+        assert low == pytest.approx(float(unsigned.min()))
+        assert high == pytest.approx(linear_percentile(unsigned, percent), rel=1e-5)
+    signed = rng.standard_t(2, size=(40, 30)).astype(np.float32)
+    ranges = clipped_ranges(signed, signed=True)
+    bound = linear_percentile(np.abs(signed), 99.0)
+    assert ranges[99.0] == pytest.approx((-bound, bound), rel=1e-5)
+    assert ranges[100.0] == pytest.approx((-np.abs(signed).max(), np.abs(signed).max()))
+
+
+def test_a_clip_never_paints_a_large_area_in_the_top_colour() -> None:
+    from app.rendering import clipped_ranges
+
+    def saturated(values: np.ndarray, signed: bool, value_range: tuple[float, float]) -> float:
+        top = value_range[1]
+        return float(((np.abs(values) if signed else values) >= top).mean())
+
+    sparse = np.zeros((20, 20), dtype=np.float32)
+    sparse[3, 4], sparse[5, 6] = 2.0, -1.0              # 99.5 % of the map is 0
+    plateau = np.full((20, 20), 3.0, dtype=np.float32)
+    plateau[:2, :2] = 0.0                               # 99 % of the map at its top value
+    for values in (sparse, plateau, outlier_map()):
+        for signed in (False, True):
+            for percent, value_range in clipped_ranges(values, signed).items():
+                if value_range != clipped_ranges(values, signed)[100.0]:
+                    assert saturated(values, signed, value_range) <= (100 - percent) / 100 + 0.01
+    # Unsigned, the sparse map's 99th percentile is 0 -- all zeros would take the top colour.
+    assert clipped_ranges(sparse, False)[99.0] == (-1.0, 2.0)
+    assert clipped_ranges(plateau, False)[97.0] == (0.0, 3.0)
+    assert clipped_ranges(np.zeros((3, 3), np.float32), True)[99.0] == (0.0, 0.0)
+
+
+def test_methods_declare_their_display_defaults() -> None:
+    from app.rendering import DisplayDefaults
+    from visualizations import visualization_registry
+
+    declared = {name: DisplayDefaults.of(visualization_registry.get(name))
+                for name in visualization_registry.names()}
+    gradient_maps = {"saliency", "integrated_gradients", "guided_grad_cam"}
+    for name, defaults in declared.items():
+        if name in gradient_maps:
+            assert defaults.clip_percentile is not None and 98.0 <= defaults.clip_percentile < 100
+            assert defaults.smoothed_view, name
+        else:      # CAM-type and occlusion maps are shown as they were: the full range
+            assert defaults == DisplayDefaults(), name
+
+
+def test_scale_descriptions_say_which_scale() -> None:
+    from app.rendering import ordinal, scale_description
+
+    assert [ordinal(p) for p in (99.5, 99, 97, 91, 92, 93, 11, 100)] == [
+        "99.5th", "99th", "97th", "91st", "92nd", "93rd", "11th", "100th"]
+    assert scale_description("percentile", False, 99.5, (0, 1)) == \
+        "values above the 99.5th percentile saturate"
+    assert scale_description("percentile", True, 99.0, (-1, 1)) == \
+        "values beyond ± the 99th percentile of |map| saturate"
+    assert scale_description("full", False, None, (0, 1)) == "full range: minimum to maximum"
+    assert scale_description("full", True, None, (-1, 1)) == "full range: ± the largest |value|"
+    assert scale_description("fixed", False, None, (0.0, 1.0)) == "fixed scale from 0 to 1"
+
+
+def outlier_map() -> np.ndarray:
+    """A gradient-like map: structure everywhere, and a few outlier pixels 40x brighter."""
+    rng = np.random.default_rng(7)
+    values = rng.uniform(0.0, 1.0, size=(64, 64)).astype(np.float32)
+    values[rng.integers(0, 64, 8), rng.integers(0, 64, 8)] = 40.0
+    return values
+
+
+def test_the_panel_record_carries_its_display_and_keeps_the_array() -> None:
+    from app.pipeline import npy_bytes, panel_record
+    from app.rendering import DisplayDefaults
+
+    values = outlier_map()
+    before = values.copy()
+    panel = Panel("Saliency for cat", values, signed=False, target=TargetInfo(1, "cat", 0.9))
+    view = Image.new("RGB", (64, 64), (90, 90, 90))
+
+    def bright_share(files: dict[str, bytes], record: dict) -> float:
+        heat = np.asarray(Image.open(io.BytesIO(files[record["heatmap"]])))
+        return float((luminance(heat) / 255.0 > 0.25).mean())
+
+    clipped_files: dict[str, bytes] = {}
+    clipped = panel_record(0, panel, view, clipped_files, DisplayDefaults(99.5, True))
+    full_files: dict[str, bytes] = {}
+    full = panel_record(0, panel, view, full_files)
+
+    # The array is stored as computed, whatever the display; the input is not modified.
+    np.testing.assert_array_equal(values, before)
+    assert clipped_files[clipped["array"]] == full_files[full["array"]] == npy_bytes(before)
+    assert clipped["value_range"] == full["value_range"] == [float(before.min()), 40.0]
+
+    display = clipped["display"]
+    assert display["scale"] == "percentile" and display["clip_percentile"] == 99.5
+    assert display["range"] == pytest.approx([before.min(), linear_percentile(before, 99.5)],
+                                             rel=1e-5)
+    assert display["description"] == "values above the 99.5th percentile saturate"
+    assert set(display["ranges"]) == {"100", "99.5", "99", "97"}
+    assert display["ranges"]["100"] == full["value_range"]
+    assert display["smoothing_sigma_px"] == 1.0 and display["size"] == [64, 64]
+    assert full["display"]["scale"] == "full" and full["display"]["smoothing_sigma_px"] is None
+    # The outliers set the full range, so almost everything is dark; clipped, the structure shows.
+    assert bright_share(full_files, full) < 0.01
+    assert bright_share(clipped_files, clipped) > 0.5
+
+    fixed = panel_record(0, Panel("P(cat)", values / 40.0, scale=(0.0, 1.0)), view, {})
+    assert fixed["display"]["scale"] == "fixed" and fixed["display"]["ranges"] == {}
+    assert fixed["display"]["range"] == [0.0, 1.0]
+    picture = panel_record(1, Panel("grid", np.zeros((8, 8, 3), np.uint8), kind="image"), view, {})
+    assert picture["display"] is None
+
+
+def test_render_panel_uses_the_given_range_and_the_colormap_travels_as_hex() -> None:
+    from app.rendering import colormap_hex
+
+    view = Image.new("RGB", (4, 1))
+    values = np.array([[0.0, 0.5, 1.0, 4.0]], dtype=np.float32)
+    rendered = render_panel(Panel("p", values), view, value_range=(0.0, 1.0))
+    heat = np.asarray(Image.open(io.BytesIO(rendered.heatmap_png)))
+    table = colormap_table("inferno")
+    np.testing.assert_array_equal(heat[0], table[[0, 128, 255, 255]])
+    assert rendered.value_range == (0.0, 1.0)
+    for signed, name in ((False, "inferno"), (True, "RdBu_r")):
+        text = colormap_hex(signed)
+        assert len(text) == 256 * 6
+        assert bytes.fromhex(text) == colormap_table(name).tobytes()

@@ -29,7 +29,7 @@ PREDICTION_KEYS = {"index", "label", "probability"}
 VISUALIZATION_KEYS = {"method", "params", "elapsed_ms", "panels"}
 # The one panel record of app.pipeline, the same as the server's (issue 3's fields plus kind,
 # value_range, metrics and notes).
-PANEL_KEYS = {"title", "kind", "signed", "target", "value_range", "metrics", "notes",
+PANEL_KEYS = {"title", "kind", "signed", "target", "value_range", "display", "metrics", "notes",
               "overlay", "heatmap", "array"}
 
 
