@@ -189,6 +189,33 @@
     .map((link) => link.textContent.trim());
   let mode = "panel";
 
+  // A panel's own choices, beside its opacity slider: the clip percentile, and for gradient
+  // maps the smoothed-magnitude view.
+  function choices(figure, display, defaultClip) {
+    const controls = figure.querySelector(".panel-controls");
+    if (!controls || display.scale === "fixed") return { clipSelect: null, viewSelect: null };
+    const select = (label, className, options) => {
+      const wrapper = document.createElement("label");
+      wrapper.append(label + " ");
+      const element = document.createElement("select");
+      element.className = className;
+      options.forEach(([value, text]) => element.add(new Option(text, value)));
+      wrapper.appendChild(element);
+      controls.appendChild(wrapper);
+      return element;
+    };
+    const percents = Object.keys(display.ranges).map(Number).sort((a, b) => b - a);
+    const clipSelect = select("Clip", "clip-select", percents.map((percent) => {
+      const key = formatPercent(percent);
+      return [key, (percent >= 100 ? "max" : key + " %") + (key === defaultClip ? " (default)" : "")];
+    }));
+    clipSelect.value = defaultClip;
+    const viewSelect = display.smoothing_sigma_px
+      ? select("Show", "view-select", [["values", "values"], ["smoothed", "smoothed magnitude"]])
+      : null;
+    return { clipSelect, viewSelect };
+  }
+
   // One entry per map panel, whatever number of places show it (cell, detail, compare view).
   const panels = new Map();
   document.querySelectorAll("figure.panel[data-display]").forEach((figure) => {
@@ -208,8 +235,7 @@
       array: null, smoothed: null, smoothedRanges: null, blobUrl: null,
       images: Array.from(document.querySelectorAll('img.map-image[data-panel-id="' + id + '"]')),
       legends: Array.from(document.querySelectorAll('.legend[data-panel-id="' + id + '"]')),
-      clipSelect: figure.querySelector(".clip-select"),
-      viewSelect: figure.querySelector(".view-select"),
+      ...choices(figure, display, defaultClip),
     });
   });
   if (panels.size === 0) return;

@@ -165,9 +165,12 @@
     }
   });
 
-  // A link to a view (#detail-3-2, #compare-method-1) opens it in place on arrival.
-  const wanted = location.hash.slice(1);
-  if (/^(detail|compare)-/.test(wanted) && document.getElementById(wanted)) {
+  // A link to a view (#detail-3-2, #compare-method-1) opens it in place: on arrival, and when
+  // the fragment changes (a link from elsewhere on the page, back and forward).
+  function openFromHash() {
+    const wanted = location.hash.slice(1);
+    if (!/^(detail|compare)-/.test(wanted) || !document.getElementById(wanted)) return;
+    if (open && open.section.id === wanted) return;
     if (wanted.startsWith("detail-")) {
       const cell = document.getElementById(wanted.replace("detail-", "cell-"));
       if (cell) { focusCell(cell); openCell(cell); }
@@ -176,6 +179,15 @@
       if (link) openCompare(link);
     }
   }
+  openFromHash();
+  window.addEventListener("hashchange", openFromHash);
+
+  // "convscope:grid-painted": the first frame after the grid's on-screen pictures are decoded
+  // (a performance mark, read by the browser tests and visible in any browser's profiler).
+  const firstRows = Array.from(grid.querySelectorAll("img[loading=eager]"));
+  Promise.all(firstRows.map((image) => image.decode().catch(() => null))).then(() => {
+    requestAnimationFrame(() => performance.mark("convscope:grid-painted"));
+  });
 
   const size = document.getElementById("cell-size");
   if (size) {

@@ -1,8 +1,9 @@
 """The real thing: `convscope serve` with the demo model, driven by Chromium through Playwright.
 
 Uploads the cat photo through the file input (and a PNG whose file name is an XSS payload),
-runs grad_cam and occlusion, and checks the results page: overlays are loaded images, the top-1
-class is a cat, nothing was logged to the console, and the hostile name is shown as text.
+runs grad_cam and occlusion, and checks the results page: the grid's overlays are loaded images,
+the cat's cell opens its panel in place, the top-1 class is a cat, nothing was logged to the
+console, and the hostile name is shown as text.
 Skips when Chromium or Playwright is missing, unless ``CONVSCOPE_REQUIRE_BROWSER=1`` (CI).
 Set ``CONVSCOPE_UPDATE_SCREENSHOT=1`` to refresh ``docs/screenshot-results.png``.
 """
@@ -49,30 +50,36 @@ def test_upload_run_and_read_results_in_chromium(chromium, demo_server):
         page.click("#run-button")
         page.wait_for_url("**/jobs/*", timeout=30_000)
         page.wait_for_selector("#job[data-finished=true]", timeout=180_000)
-        page.wait_for_function("Array.from(document.images).every(i => i.complete)",
-                               timeout=30_000)
+        grid_loaded = ("Array.from(document.querySelectorAll('#results-grid img'))"
+                       ".every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(grid_loaded, timeout=30_000)
 
         assert page.text_content("#job-status") == "done"
-        images = page.evaluate("Array.from(document.images).map("
-                               "i => [i.className, i.naturalWidth])")
-        overlays = [width for name, width in images if "overlay" in name]
-        assert len(overlays) >= 4 and all(width > 0 for width in overlays), images
-        assert all(width > 0 for _, width in images), images
+        overlays = page.evaluate("Array.from(document.querySelectorAll('img.grid-overlay'))"
+                                 ".map(i => i.naturalWidth)")
+        assert len(overlays) == 4 and all(width > 0 for width in overlays), overlays
 
-        cat = page.locator("article.image-result", has=page.locator(
-            "h2.filename", has_text="chelsea.jpg"))
-        top1 = cat.locator(".topk tr.top1 .class-index").text_content()
+        # The cat's row: its Grad-CAM cell opens the full panel in place, under the row.
+        cat_row = page.locator("tr.grid-row", has=page.locator(".filename",
+                                                              has_text="chelsea.jpg"))
+        cat_row.locator("a.cell").first.click()
+        detail = page.locator(".view.detail.open")
+        detail.wait_for(state="visible")
+        page.wait_for_function("Array.from(document.querySelectorAll('.view.open img'))"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        top1 = detail.locator(".topk tr.top1 .class-index").text_content()
         assert int(top1.strip("() ")) in CAT_CLASSES, top1
+        assert detail.locator(".legend-scale").first.text_content().startswith("Own scale")
 
         # The hostile name is text on the page, and nothing it carries ever ran.
-        shown = page.locator("h2.filename").all_text_contents()
+        shown = page.locator(".row-head .filename").all_text_contents()
         assert HOSTILE_NAME in shown
         assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
 
-        slider = page.locator(".opacity-slider").first
+        slider = detail.locator(".opacity-slider").first
         slider.fill("0.9")
         opacity = page.evaluate("getComputedStyle(document.querySelector("
-                                "'.panel .layer')).opacity")
+                                "'.view.open .panel .layer')).opacity")
         assert float(opacity) == pytest.approx(0.9)
         slider.fill("0.5")
         page.evaluate("document.activeElement.blur()")
@@ -81,7 +88,6 @@ def test_upload_run_and_read_results_in_chromium(chromium, demo_server):
         screenshot = ARTIFACTS / "browser-job-results.png"
         page.screenshot(path=str(screenshot), full_page=True)
         if os.environ.get("CONVSCOPE_UPDATE_SCREENSHOT") == "1":
-            page.locator("article.image-result").first.screenshot(
-                path=str(ROOT / "docs" / "screenshot-results.png"))
+            page.locator("#results").screenshot(path=str(ROOT / "docs" / "screenshot-results.png"))
     assert dialogs == [], f"a dialog opened: {dialogs}"
     assert problems == [], problems

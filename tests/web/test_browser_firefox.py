@@ -2,8 +2,8 @@
 
 `convscope serve` with the demo model: upload the cat photo and a PNG whose file name is an XSS
 payload through the file input, run grad_cam and a coarse occlusion, and read the results page:
-overlays are loaded images, the top-1 class is a cat, the hostile name is text, the opacity
-slider works from the keyboard, and Firefox's console holds no error from the page (CSP
+the grid's overlays are loaded images, the cat's cell opens its panel in place, the top-1 class
+is a cat, the hostile name is text, the opacity slider works from the keyboard, and Firefox's console holds no error from the page (CSP
 violations included). Skips when Firefox or marionette-driver is missing, unless
 ``CONVSCOPE_REQUIRE_BROWSER=1`` (CI).
 """
@@ -57,32 +57,37 @@ def test_upload_run_and_read_results_in_firefox(tmp_path):
         wait_until(lambda: script(
             "const job = document.getElementById('job');"
             "return job !== null && job.dataset.finished === 'true'"), 180, "the job to finish")
-        wait_until(lambda: script("return Array.from(document.images).every(i => i.complete)"),
-                   30, "the result images to load")
+        grid_loaded = ("return Array.from(document.querySelectorAll('#results-grid img'))"
+                       ".every(i => i.complete && i.naturalWidth > 0)")
+        wait_until(lambda: script(grid_loaded), 30, "the grid's images to load")
 
         assert css("#job-status").text == "done"
-        images = script("return Array.from(document.images)"
-                        ".map(i => [i.className, i.naturalWidth])")
-        overlays = [width for name, width in images if "overlay" in name]
-        assert len(overlays) >= 4 and all(width > 0 for width in overlays), images
-        assert all(width > 0 for _, width in images), images
+        overlays = script("return Array.from(document.querySelectorAll('img.grid-overlay'))"
+                          ".map(i => i.naturalWidth)")
+        assert len(overlays) == 4 and all(width > 0 for width in overlays), overlays
 
-        top1 = script("""
-            const cat = Array.from(document.querySelectorAll('article.image-result'))
-                .find(a => a.querySelector('h2.filename').textContent.includes('chelsea.jpg'));
-            return cat.querySelector('.topk tr.top1 .class-index').textContent;""")
+        # The cat's Grad-CAM cell opens its panel in place.
+        script("""Array.from(document.querySelectorAll('tr.grid-row'))
+            .find(r => r.querySelector('.filename').textContent.includes('chelsea.jpg'))
+            .querySelector('a.cell').click();""")
+        wait_until(lambda: script(
+            "const open = document.querySelector('.view.detail.open');"
+            "return open !== null && Array.from(open.querySelectorAll('img'))"
+            ".every(i => i.complete && i.naturalWidth > 0)"), 30, "the detail's images")
+        top1 = script("return document.querySelector('.view.open .topk tr.top1 .class-index')"
+                      ".textContent")
         assert int(top1.strip("() ")) in CAT_CLASSES, top1
 
-        shown = script("return Array.from(document.querySelectorAll('h2.filename'))"
+        shown = script("return Array.from(document.querySelectorAll('.row-head .filename'))"
                        ".map(e => e.textContent)")
         assert HOSTILE_NAME in shown
         assert script("return document.querySelectorAll('img[src=\"x\"]').length") == 0
 
         # Keyboard: the slider takes focus and arrow keys move it (step 0.05 from 0.5).
-        slider = css(".opacity-slider")
+        slider = css(".view.open .opacity-slider")
         slider.send_keys(Keys.ARROW_RIGHT + Keys.ARROW_RIGHT)
-        opacity = script("return getComputedStyle(document.querySelector('.panel .layer'))"
-                         ".opacity")
+        opacity = script("return getComputedStyle(document.querySelector("
+                         "'.view.open .panel .layer')).opacity")
         assert float(opacity) == pytest.approx(0.6)
 
         ARTIFACTS.mkdir(exist_ok=True)

@@ -57,10 +57,14 @@ def test_a_job_can_be_run_from_the_keyboard_alone(demo_server, chromium):
     page.wait_for_selector("#job[data-finished=true]", timeout=120_000)
     assert page.text_content("#job-status") == "done"
 
-    tab_to(page, ".opacity-slider")                         # results are keyboard-usable too
-    before = page.input_value(".opacity-slider >> nth=0")
+    tab_to(page, "a.cell")                                  # results are keyboard-usable too
+    assert focus_is_visible(page), "the focused grid cell shows no focus ring"
+    page.keyboard.press("Enter")                            # opens its panel in place
+    page.wait_for_selector(".view.detail.open")
+    tab_to(page, ".view.open .opacity-slider")
+    before = page.input_value(".view.open .opacity-slider >> nth=0")
     page.keyboard.press("ArrowRight")
-    assert float(page.input_value(".opacity-slider >> nth=0")) > float(before)
+    assert float(page.input_value(".view.open .opacity-slider >> nth=0")) > float(before)
     page.close()
     assert errors == []
 
