@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import io
 import json
 import logging
 import re
@@ -91,13 +92,15 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {"model": model_record(model), "images": []}
     pages: list[dict[str, Any]] = []
+    pictures = Pictures()
     for number, (path, image) in enumerate(images):
         record, page = visualize_image(model, image, path, f"{number:02d}-{_slug(path.stem)}",
-                                       requests, targets, out_dir)
+                                       requests, targets, out_dir, pictures)
         results["images"].append(record)
         pages.append(page)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(results, pages), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(results, pages, pictures),
+                                         encoding="utf-8")
     return results
 
 
@@ -205,9 +208,33 @@ def parse_targets(targets: Sequence[str] | None, model: "LoadedModel") -> list[i
 
 # --- running and writing ------------------------------------------------------------------------
 
+class Pictures:
+    """The pictures of a report page, each held once: the page shows a map in the grid, its
+    detail and two compare views, so each place names it (``#pic-N``) and an inline SVG
+    ``<use>`` shows the one copy (a data URI) -- instead of a copy of a 50-150 kB data URI in
+    every place."""
+
+    def __init__(self) -> None:
+        self.uris: dict[str, str] = {}            # id -> data URI
+        self.sizes: dict[str, list[int]] = {}     # id -> [width, height]
+        self._ids: dict[bytes, str] = {}
+
+    def add(self, png: bytes) -> str:
+        """A reference (``#pic-N``) to the picture ``png``, added once."""
+        from PIL import Image
+
+        if png not in self._ids:
+            name = f"pic-{len(self._ids)}"
+            self._ids[png] = name
+            self.uris[name] = _data_uri(png)
+            with Image.open(io.BytesIO(png)) as picture:
+                self.sizes[name] = [picture.width, picture.height]
+        return "#" + self._ids[png]
+
+
 def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug: str,
                     requests: Sequence[MethodRequest], targets: Sequence[int | str],
-                    out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+                    out_dir: Path, pictures: Pictures) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run every method on one image through the pipeline; write its files; return
     (results.json record, the data the HTML page needs)."""
     from app.rendering import encode_png
@@ -220,7 +247,8 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     record: dict[str, Any] = {"file": str(path), "predictions": prediction.top,
                               "visualizations": []}
     # The page's row, shaped like the job page's (templates/partials/results.html).
-    page: dict[str, Any] = {"filename": path.name, "view_url": _data_uri(view_png),
+    page: dict[str, Any] = {"filename": path.name, "view_url": pictures.add(view_png),
+                            "view_size": list(prediction.view.size),
                             "predictions": prediction.top, "true_label": None,
                             "failure": False, "visualizations": []}
     for request in requests:
@@ -232,7 +260,7 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
             panel_set = visualize(model, method, request, prediction, target)
             written = write_panel_set(panel_set, out_dir, f"{slug}/{method.name}-t{target}-")
             panels.extend(written)
-            page_panels.extend(_page_panel(panel, panel_set.files, stored)
+            page_panels.extend(_page_panel(panel, panel_set.files, stored, pictures)
                                for panel, stored in zip(written, panel_set.record["panels"]))
             elapsed_ms += panel_set.record["elapsed_ms"]
             params = panel_set.record["params"]
@@ -248,13 +276,13 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     return record, page
 
 
-def _page_panel(panel: dict[str, Any], files: dict[str, bytes],
-                stored: dict[str, Any]) -> dict[str, Any]:
-    """A written panel record with what the panel macro links to: pictures inline (the report is
-    one self-contained file), downloads as paths relative to the report."""
-    return {**panel, "heatmap_url": _data_uri(files[stored["heatmap"]]),
-            "overlay_url": panel["overlay"], "array_url": panel["array"],
-            "json_url": "results.json"}
+def _page_panel(panel: dict[str, Any], files: dict[str, bytes], stored: dict[str, Any],
+                pictures: Pictures) -> dict[str, Any]:
+    """A written panel record with what the panel macro links to: its picture inline (the
+    report is one self-contained file), downloads as paths relative to the report."""
+    return {**panel, "heatmap_url": pictures.add(files[stored["heatmap"]]),
+            "heatmap_file": panel["heatmap"], "overlay_url": panel["overlay"],
+            "array_url": panel["array"], "json_url": "results.json"}
 
 
 def model_record(model: "LoadedModel") -> dict[str, Any]:
@@ -263,7 +291,7 @@ def model_record(model: "LoadedModel") -> dict[str, Any]:
             "num_classes": meta.num_classes, "sha256": meta.sha256}
 
 
-def render_html(results: dict[str, Any], pages: list[dict[str, Any]]) -> str:
+def render_html(results: dict[str, Any], pages: list[dict[str, Any]], pictures: Pictures) -> str:
     """The self-contained report page (Jinja2 with autoescaping; images as data URIs; the job
     page's stylesheet inline)."""
     import jinja2
@@ -277,6 +305,7 @@ def render_html(results: dict[str, Any], pages: list[dict[str, Any]]) -> str:
     methods = ([{"name": item["name"], "title": item["title"], "reference": item["reference"]}
                 for item in rows[0]["visualizations"]] if rows else [])
     return template.render(model=results["model"], rows=rows, methods=methods,
+                           pictures=pictures.sizes, picture_uris=pictures.uris,
                            stylesheet=STYLESHEET.read_text(encoding="utf-8"),
                            legend={"unsigned": ", ".join(legend_stops(False)),
                                    "signed": ", ".join(legend_stops(True))},

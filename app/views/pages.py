@@ -114,14 +114,36 @@ def submit_workbench() -> Response | tuple[str, int]:
 def _ordered_results(view: dict[str, Any]) -> list[dict[str, Any]]:
     """The grid's rows: failure cases (true label != top-1) first, then the rest in submission
     order; each keeps its submission ``index`` (the page's ids use it) and gets the picture
-    under its maps (``view_url``) and, per method, the panels its grid cell shows (``cell``)."""
+    under its maps (``view_url``, ``view_size``: the maps' size, which the model view has) and,
+    per method, the panels its grid cell shows (``cell``)."""
     rows = []
     for index, result in enumerate(view["results"]):
         visualizations = [{**item, "cell": grid_cell(item["panels"])}
                           for item in result["visualizations"]]
+        sizes = [panel["display"]["size"] for item in visualizations for panel in item["panels"]
+                 if panel["display"] and panel["display"]["size"]]
         rows.append({**result, "index": index, "visualizations": visualizations,
-                     "view_url": result["model_view_url"] or result["image_url"]})
+                     "view_url": result["model_view_url"] or result["image_url"],
+                     "view_size": sizes[0] if sizes else None})
     return sorted(rows, key=lambda row: not row["failure"])
+
+
+def _method_columns(view: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's columns: each method's title, plus the parameters that tell apart a method
+    requested twice (e.g. saliency with and without SmoothGrad)."""
+    params = ([item["params"] for item in view["results"][0]["visualizations"]]
+              if view["results"] else [{} for _ in view["methods"]])
+    columns = []
+    for number, method in enumerate(view["methods"]):
+        twins = [params[n] for n, other in enumerate(view["methods"])
+                 if other["name"] == method["name"]]
+        differing = sorted(key for key in params[number]
+                           if len({repr(twin.get(key)) for twin in twins}) > 1)
+        title = method["title"]
+        if differing:
+            title += " (" + ", ".join(f"{key}={params[number][key]}" for key in differing) + ")"
+        columns.append({**method, "title": title})
+    return columns
 
 
 @pages.get("/jobs/<job_id>")
@@ -131,6 +153,7 @@ def job(job_id: str) -> str:
     svc = _services()
     view = job_view(svc.jobs.get(job_id), svc)
     return render_template("pages/job.html", job=view, results=_ordered_results(view),
+                           methods=_method_columns(view),
                            finished=view["status"] in TERMINAL,
                            colormaps={"unsigned": colormap_hex(False),
                                       "signed": colormap_hex(True)})

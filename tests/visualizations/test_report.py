@@ -129,9 +129,12 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
     assert "first photo.png" in html and "second.jpg" in html
     assert "Grad-CAM" in html and "Partial occlusion" in html and "Occlusion" in html
     assert "positions=3" in html and "linear-gradient" in html
-    # Self-contained: every image inline, no stylesheet or script loaded from elsewhere.
-    sources = re.findall(r'\bsrc="([^"]*)"', html)
-    assert sources and all(source.startswith("data:image/png;base64,") for source in sources)
+    # Self-contained: every image inline (a data URI held once, shown by reference wherever
+    # the page shows it), no stylesheet or script loaded from elsewhere.
+    inline = re.findall(r'<image id="(pic-\d+)" href="([^"]*)"', html)
+    assert inline and all(uri.startswith("data:image/png;base64,") for _, uri in inline)
+    assert set(re.findall(r'<use href="#([^"]*)"', html)) == {name for name, _ in inline}
+    assert re.findall(r'\bsrc="([^"]*)"', html) == []
     assert "<script" not in html and "<link" not in html and "@import" not in html
 
 

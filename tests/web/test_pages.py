@@ -4,6 +4,9 @@ from __future__ import annotations
 import io
 import re
 
+import numpy as np
+import pytest
+
 from tests.web.conftest import csrf_from, png_bytes, run_job, upload, wait_job, wait_ready
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>.png"
@@ -69,26 +72,106 @@ def test_no_javascript_form_errors_rerender_the_workbench(client):
     assert response.status_code == 400 and b"E_BAD_REQUEST" in response.data
 
 
-def test_job_page_shows_progress_then_results_failures_first(client):
+def between(html: str, start: str, end: str) -> str:
+    begin = html.index(start)
+    return html[begin:html.index(end, begin)]
+
+
+def test_job_page_grid_first_failures_first_then_views(client):
     images = upload(client, (png_bytes(seed=7), "good.png"), (png_bytes(seed=8), "bad.png"))
     ids = [image["id"] for image in images]
     first = run_job(client, ids)
     predicted = first["results"][1]["predictions"][0]
     wrong = next(label for label in ("cat", "dog") if label != predicted["label"])
-    job = run_job(client, ids, [{"name": "grad_cam"}, {"name": "partial_occlusion"}],
-                  true_labels={ids[1]: wrong})
+    methods = [{"name": "grad_cam"}, {"name": "saliency"}, {"name": "partial_occlusion"}]
+    job = run_job(client, ids, methods, true_labels={ids[1]: wrong})
     html = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
     assert 'data-finished="true"' in html
-    assert html.index("bad.png") < html.index("good.png")            # failure case first
-    assert "failure case" in html
-    assert 'class="opacity-slider"' in html and 'class="layer overlay"' in html
-    assert 'class="legend-bar unsigned"' in html
-    assert "overlay PNG" in html and ".npy" in html and ">JSON<" in html
-    assert "<meter" in html                                             # top-k bar chart
-    assert 'id="grid"' in html and 'class="grid-overlay"' in html       # compact grid
-    assert 'class="illustration"' in html                               # partial occlusion
+
+    # The grid comes first, then the views its links open (hidden until opened).
+    grid = between(html, '<table class="results-grid', "</table>")
+    assert html.index("<table class=\"results-grid") < html.index('class="view detail"')
+    assert 'has-failures' in grid and 'data-columns="3"' in grid
+    rows = re.findall(r'<tr class="grid-row( failure)?" data-row="(\d)"', grid)
+    assert rows == [(" failure", "1"), ("", "0")]                    # failure case first
+    # A failure row shows the predicted and the true class side by side, in that order.
+    failure_cell = between(grid, 'id="cell-1-1"', "</td>")
+    assert re.findall(r'cell-role role-(\w+)">(\w+): (\w+)', failure_cell) == [
+        ("predicted", "pred", predicted["label"]), ("true", "true", wrong)]
+    assert len(re.findall(r'class="layer overlay map-image grid-overlay"',
+                          between(grid, 'id="cell-0-1"', "</td>"))) == 1
+    for row in (0, 1):
+        for method in range(3):
+            assert f'href="#detail-{row}-{method}"' in grid
+            assert f'<section class="view detail" id="detail-{row}-{method}"' in html
+        assert f'href="#compare-image-{row}"' in grid and f'id="compare-image-{row}"' in html
+    for method in range(3):
+        assert f'href="#compare-method-{method}"' in grid and f'id="compare-method-{method}"' in html
+
+    # Every map's picture has its size before it loads; all below the first rows load lazily.
+    for tag in re.findall(r"<img [^>]*>", html):
+        if 'class="illustration"' not in tag:
+            assert 'width="32" height="32"' in tag, tag
+        assert 'loading="lazy"' in tag or 'loading="eager"' in tag, tag
+
+    # A detail: the full panels of one image and method, with what a reader needs.
+    detail = between(html, 'id="detail-1-1"', "</section>")
+    assert "failure case" in detail and "Saliency" in detail
+    assert detail.count('<figure class="panel panel-heatmap"') == 2     # predicted and true
+    assert 'class="opacity-slider"' in detail and 'class="layer overlay map-image"' in detail
+    assert "data-display='" in detail and "data-array-url=" in detail
+    assert "Own scale: values above the 99.5th percentile saturate." in detail
+    assert "overlay PNG" in detail and ".npy" in detail and ">JSON<" in detail
+    assert "Own scale: full range: minimum to maximum." in between(html, 'id="detail-1-0"',
+                                                                   "</section>")
+    partial = between(html, 'id="detail-0-2"', "</section>")
+    assert 'class="illustration"' in partial
+    assert "Own scale: fixed scale from 0 to 1." in partial
+    # The image's compare view holds its picture and top-k predictions.
+    assert "<meter" in between(html, 'id="compare-image-1"', "</section>")
+    assert "true-class" in between(html, 'id="compare-image-1"', "</section>")
     for url in set(re.findall(r'src="(/api/v1/[^"]+)"', html)):
         assert client.get(url).status_code == 200, url
+
+
+def test_the_views_open_by_fragment_without_javascript(client):
+    css = client.get("/static/css/convscope.css").get_data(as_text=True)
+    assert re.search(r"\.view \{ display: none;", css)
+    assert "html:not(.js) .view:target, .view.open { display: block; }" in css
+    for asset in ("/static/js/maps.js", "/static/js/results.js", "/static/js/has-js.js"):
+        assert client.get(asset).status_code == 200, asset
+
+
+def test_the_api_panels_carry_their_display(client):
+    image = upload(client, (png_bytes(seed=12), "one.png"))[0]["id"]
+    job = run_job(client, [image], [{"name": "saliency"}, {"name": "cam"},
+                                    {"name": "partial_occlusion"}])
+    saliency, cam, partial = job["results"][0]["visualizations"]
+    display = saliency["panels"][0]["display"]
+    array = np.load(io.BytesIO(client.get(saliency["panels"][0]["array_url"]).data))
+    assert display["scale"] == "percentile" and display["clip_percentile"] == 99.5
+    assert display["range"] == pytest.approx([array.min(), np.percentile(array, 99.5)], rel=1e-5)
+    assert display["ranges"]["100"] == pytest.approx([array.min(), array.max()])
+    assert display["size"] == [32, 32] and display["smoothing_sigma_px"] == 1.0
+    assert saliency["panels"][0]["value_range"] == pytest.approx([array.min(), array.max()])
+    assert cam["panels"][0]["display"]["scale"] == "full"
+    assert cam["panels"][0]["display"]["smoothing_sigma_px"] is None
+    assert {p["display"]["scale"] for p in partial["panels"] if p["kind"] == "heatmap"} == {"fixed"}
+    assert all(p["display"] is None for p in partial["panels"] if p["kind"] == "image")
+    assert [p["primary"] for p in saliency["panels"]] == [True]
+    assert saliency["panels"][0]["role"] == "predicted"
+
+
+def test_a_panel_stored_before_display_scaling_shows_its_full_range(app):
+    from app.views.presenters import _panel
+
+    old = {"title": "t", "kind": "heatmap", "signed": True, "target": None,
+           "value_range": [-2.0, 2.0], "metrics": {}, "notes": [], "overlay": "o.png",
+           "heatmap": "h.png", "array": "a.npy"}
+    with app.test_request_context():
+        display = _panel("k" * 64, old)["display"]
+    assert display["scale"] == "full" and display["range"] == [-2.0, 2.0]
+    assert display["description"] == "full range: ± the largest |value|"
 
 
 def test_running_job_page_has_progress_bars_and_cancel(make_app):
@@ -169,5 +252,6 @@ def test_legend_css_and_static_assets(client):
     css = client.get("/legend.css")
     assert css.status_code == 200 and css.mimetype == "text/css"
     assert ".legend-bar.signed" in css.get_data(as_text=True)
-    for asset in ("/static/css/convscope.css", "/static/js/workbench.js", "/static/js/job.js"):
+    for asset in ("/static/css/convscope.css", "/static/js/workbench.js", "/static/js/job.js",
+                  "/static/js/maps.js", "/static/js/results.js"):
         assert client.get(asset).status_code == 200, asset
