@@ -305,6 +305,8 @@ def render_html(results: dict[str, Any], pages: list[dict[str, Any]], pictures: 
     methods = ([{"name": item["name"], "title": item["title"], "reference": item["reference"]}
                 for item in rows[0]["visualizations"]] if rows else [])
     return template.render(model=results["model"], rows=rows, methods=methods,
+                           view_href=lambda view_id: "#" + view_id,
+                           grid_href=lambda anchor: "#" + anchor,
                            pictures=pictures.sizes, picture_uris=pictures.uris,
                            stylesheet=STYLESHEET.read_text(encoding="utf-8"),
                            legend={"unsigned": ", ".join(legend_stops(False)),

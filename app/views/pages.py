@@ -1,20 +1,22 @@
-"""The HTML pages: the workbench (``/``), a job (``/jobs/<id>``) and the catalog (``/models``).
+"""The HTML pages: the workbench (``/``), a job (``/jobs/<id>``, its results grid, and each
+view of its results at ``/jobs/<id>/views/<view>``) and the catalog (``/models``).
 
 Pages are rendered on the server from the same dicts as their JSON twins and work without
 JavaScript: the workbench form posts to ``/`` (uploads + job in one request), the job page
-refreshes itself while it runs, and its results grid links to detail and compare sections that
-CSS shows by their #fragment. ``static/js`` adds drag and drop, thumbnails, live progress,
-the grid's keyboard navigation and in-place views, and colour scales on top.
+refreshes itself while it runs, and its results grid links to the views' own pages.
+``static/js`` adds drag and drop, thumbnails, live progress, the grid's keyboard navigation,
+views opened in place, and colour scales on top.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from flask import (Blueprint, Response, current_app, redirect, render_template, request,
                    url_for)
 from werkzeug.datastructures import MultiDict
 
-from app.errors import ConvscopeError
+from app.errors import ConvscopeError, NotFound
 from app.jobs.record import TERMINAL
 from app.pipeline import PREDICTED, grid_cell
 from app.services import services
@@ -146,17 +148,63 @@ def _method_columns(view: dict[str, Any]) -> list[dict[str, Any]]:
     return columns
 
 
-@pages.get("/jobs/<job_id>")
-def job(job_id: str) -> str:
+def _results_context(view: dict[str, Any]) -> dict[str, Any]:
+    """What the results templates need (templates/partials/results.html): the rows, the
+    columns, where each view lives (its own page) and the colormaps the page re-colours with."""
     from app.rendering import colormap_hex
 
+    job_id = view["id"]
+    return {"job": view, "results": _ordered_results(view), "methods": _method_columns(view),
+            "view_href": lambda view_id: url_for("pages.job_results_view", job_id=job_id,
+                                                 view_id=view_id),
+            "grid_href": lambda anchor: url_for("pages.job", job_id=job_id) + "#" + anchor,
+            "colormaps": {"unsigned": colormap_hex(False), "signed": colormap_hex(True)}}
+
+
+@pages.get("/jobs/<job_id>")
+def job(job_id: str) -> str:
     svc = _services()
     view = job_view(svc.jobs.get(job_id), svc)
-    return render_template("pages/job.html", job=view, results=_ordered_results(view),
-                           methods=_method_columns(view),
-                           finished=view["status"] in TERMINAL,
-                           colormaps={"unsigned": colormap_hex(False),
-                                      "signed": colormap_hex(True)})
+    return render_template("pages/job.html", finished=view["status"] in TERMINAL,
+                           **_results_context(view))
+
+
+_VIEW_ID = re.compile(r"detail-(\d+)-(\d+)|compare-image-(\d+)|compare-method-(\d+)")
+
+
+def _view_title(view_id: str, context: dict[str, Any]) -> str | None:
+    """The view's title, or None when ``view_id`` names no view of this job."""
+    match = _VIEW_ID.fullmatch(view_id)
+    if match is None:
+        return None
+    image, method, compared_image, compared_method = (
+        int(group) if group is not None else None for group in match.groups())
+    images, methods = context["job"]["results"], context["methods"]
+    if image is not None and image < len(images) and method < len(methods):
+        return f"{methods[method]['title']} · {images[image]['filename']}"
+    if compared_image is not None and compared_image < len(images):
+        return f"{images[compared_image]['filename']}: every method"
+    if compared_method is not None and compared_method < len(methods):
+        return f"{methods[compared_method]['title']}: every image"
+    return None
+
+
+@pages.get("/jobs/<job_id>/views/<view_id>")
+def job_results_view(job_id: str, view_id: str) -> str | Response:
+    """One view of a finished job's results -- a cell's detail, or a comparison of an image's
+    methods or of a method across the images -- as a page (the grid's links without
+    JavaScript) or, with ``?fragment=1``, as the section the job page's script opens in place."""
+    svc = _services()
+    view = job_view(svc.jobs.get(job_id), svc)
+    if view["status"] not in TERMINAL:
+        return redirect(url_for("pages.job", job_id=job_id), code=303)
+    context = _results_context(view)
+    title = _view_title(view_id, context)
+    if title is None:
+        raise NotFound("This job has no such view.", fields={"view": view_id[:80]})
+    template = ("partials/view_fragment.html" if request.args.get("fragment")
+                else "pages/job_view.html")
+    return render_template(template, view_id=view_id, view_title=title, **context)
 
 
 @pages.post("/jobs/<job_id>/cancel")

@@ -185,60 +185,61 @@
     unsigned: hexTable(job.dataset.colormapUnsigned),
     signed: hexTable(job.dataset.colormapSigned),
   };
-  const methodTitles = Array.from(document.querySelectorAll("#results-grid .column-head a"))
-    .map((link) => link.textContent.trim());
   let mode = "panel";
+  let methodTitles = [];
+  let viewAllChoice = "values";
+  let clipAllChoice = "default";
 
-  // A panel's own choices, beside its opacity slider: the clip percentile, and for gradient
-  // maps the smoothed-magnitude view.
-  function choices(figure, display, defaultClip) {
-    const controls = figure.querySelector(".panel-controls");
-    if (!controls || display.scale === "fixed") return { clipSelect: null, viewSelect: null };
-    const select = (label, className, options) => {
-      const wrapper = document.createElement("label");
-      wrapper.append(label + " ");
-      const element = document.createElement("select");
-      element.className = className;
-      options.forEach(([value, text]) => element.add(new Option(text, value)));
-      wrapper.appendChild(element);
-      controls.appendChild(wrapper);
-      return element;
-    };
-    const percents = Object.keys(display.ranges).map(Number).sort((a, b) => b - a);
-    const clipSelect = select("Clip", "clip-select", percents.map((percent) => {
-      const key = formatPercent(percent);
-      return [key, (percent >= 100 ? "max" : key + " %") + (key === defaultClip ? " (default)" : "")];
-    }));
-    clipSelect.value = defaultClip;
-    const viewSelect = display.smoothing_sigma_px
-      ? select("Show", "view-select", [["values", "values"], ["smoothed", "smoothed magnitude"]])
-      : null;
-    return { clipSelect, viewSelect };
+  // Every map panel of the job, from its JSON twin (the page holds only what is on screen:
+  // the grid, and the views opened so far). Panel ids are p<image>-<method>-<panel>.
+  const panels = new Map();
+  let registry = null;
+  function ensureRegistry() {
+    if (!registry) {
+      registry = (async () => {
+        const response = await fetch(job.dataset.apiUrl, {
+          credentials: "same-origin", headers: { Accept: "application/json" },
+        });
+        if (!response.ok) throw new Error("job: HTTP " + response.status);
+        const data = await response.json();
+        methodTitles = Array.from(document.querySelectorAll("#results-grid .column-head a"))
+          .map((link) => link.textContent.trim());
+        data.results.forEach((result, image) => {
+          result.visualizations.forEach((item, method) => {
+            item.panels.forEach((record, number) => {
+              if (record.kind !== "heatmap" || !record.display) return;
+              const id = "p" + image + "-" + method + "-" + number;
+              if (!panels.has(id)) panels.set(id, newPanel(id, image, method, record.signed,
+                                                         record.array_url, record.display));
+            });
+          });
+        });
+        return panels;
+      })();
+    }
+    return registry;
   }
 
-  // One entry per map panel, whatever number of places show it (cell, detail, compare view).
-  const panels = new Map();
-  document.querySelectorAll("figure.panel[data-display]").forEach((figure) => {
-    const id = figure.dataset.panelId;
-    const display = JSON.parse(figure.dataset.display);
-    const [row, method] = id.slice(1).split("-").map(Number);
+  function newPanel(id, row, method, signed, arrayUrl, display) {
     const defaultClip = display.clip_percentile ? formatPercent(display.clip_percentile) : "100";
-    panels.set(id, {
-      id, row, method, display, defaultClip,
-      signed: figure.dataset.signed === "true",
-      arrayUrl: figure.dataset.arrayUrl,
+    let clip = clipAllChoice === "default" ? defaultClip : clipAllChoice;
+    if (!(clip in display.ranges)) clip = "100";
+    return {
+      id, row, method, display, defaultClip, signed, arrayUrl, clip,
       fixed: display.scale === "fixed",
       smoothable: Boolean(display.smoothing_sigma_px),
-      clip: defaultClip, view: "values",
-      shownKey: null,            // what the pictures show now (null: the stored default)
-      wantedKey: null,
+      view: display.smoothing_sigma_px ? viewAllChoice : "values",
+      scale: null,               // the scale shown now (null: the stored default)
+      touched: 0,                // when the reader last chose for this panel (its group's lead)
+      shownKey: null, wantedKey: null,
       array: null, smoothed: null, smoothedRanges: null, blobUrl: null,
-      images: Array.from(document.querySelectorAll('img.map-image[data-panel-id="' + id + '"]')),
-      legends: Array.from(document.querySelectorAll('.legend[data-panel-id="' + id + '"]')),
-      ...choices(figure, display, defaultClip),
-    });
-  });
-  if (panels.size === 0) return;
+    };
+  }
+
+  const images = (panel) => document.querySelectorAll('img.map-image[data-panel-id="' + panel.id + '"]');
+  const legendsOf = (panel) => document.querySelectorAll('.legend[data-panel-id="' + panel.id + '"]');
+  const selectsOf = (panel, className) => document.querySelectorAll(
+    'figure.panel[data-panel-id="' + panel.id + '"] .' + className);
 
   function group(panel) {
     if (mode === "panel" || panel.fixed) return [panel];
@@ -289,7 +290,8 @@
     } else {
       range = [Math.min(...ranges.map((r) => r[0])), Math.max(...ranges.map((r) => r[1]))];
     }
-    return { range, signed, smoothed, shared: members.length > 1, count: members.length };
+    return { range, signed, smoothed, shared: members.length > 1, count: members.length,
+             clip: panel.clip, mode };
   }
 
   function sameRange(a, b) {
@@ -297,42 +299,45 @@
       && Math.abs(a[1] - b[1]) <= 1e-12 * Math.max(1, Math.abs(b[1]));
   }
 
-  function updateLegends(panel, scale) {
-    const clipped = Number(panel.clip) < 100;
+  function legendText(panel, scale) {
     let where = "Own scale";
     if (scale.shared) {
-      where = (mode === "method" ? "Shared by all images' " : "Shared by this image's ")
+      where = (scale.mode === "method" ? "Shared by all images' " : "Shared by this image's ")
         + scale.count + " " + methodTitles[panel.method] + " maps";
     }
-    let text = where + ": " + describeScale(panel.clip, scale.signed, scale.shared) + ".";
+    let text = where + ": " + describeScale(scale.clip, scale.signed, scale.shared) + ".";
     if (scale.smoothed) {
       text = "Smoothed |map| (Gaussian blur, σ = " + panel.display.smoothing_sigma_px
         + " px), not the values. " + text;
     }
-    panel.legends.forEach((legend) => {
-      legend.querySelector(".legend-bar").className = "legend-bar " + (scale.signed ? "signed" : "unsigned");
-      const labels = legend.querySelector(".legend-labels");
-      labels.replaceChildren();
-      const add = (className, content) => {
-        const span = document.createElement("span");
-        span.className = className;
-        span.textContent = content;
-        labels.appendChild(span);
-      };
-      add("legend-low", (clipped && scale.signed ? "≤ " : "") + formatNumber(scale.range[0]));
-      if (scale.signed) add("legend-zero", "0");
-      add("legend-high", (clipped ? "≥ " : "") + formatNumber(scale.range[1]));
-      legend.querySelector(".legend-scale").textContent = text;
-      legend.classList.toggle("shared", scale.shared);
-    });
+    return text;
   }
 
-  function showStored(panel) {
-    panel.images.forEach((image) => {
-      if (image.dataset.storedSrc) image.src = image.dataset.storedSrc;
-    });
-    if (panel.blobUrl) URL.revokeObjectURL(panel.blobUrl);
-    panel.blobUrl = null;
+  function updateLegend(legend, panel, scale) {
+    const clipped = Number(scale.clip) < 100;
+    legend.querySelector(".legend-bar").className = "legend-bar " + (scale.signed ? "signed" : "unsigned");
+    const labels = legend.querySelector(".legend-labels");
+    labels.replaceChildren();
+    const add = (className, content) => {
+      const span = document.createElement("span");
+      span.className = className;
+      span.textContent = content;
+      labels.appendChild(span);
+    };
+    add("legend-low", (clipped && scale.signed ? "≤ " : "") + formatNumber(scale.range[0]));
+    if (scale.signed) add("legend-zero", "0");
+    add("legend-high", (clipped ? "≥ " : "") + formatNumber(scale.range[1]));
+    legend.querySelector(".legend-scale").textContent = legendText(panel, scale);
+    legend.classList.toggle("shared", scale.shared);
+  }
+
+  function showPicture(image, panel) {
+    if (panel.blobUrl) {
+      if (!image.dataset.storedSrc) image.dataset.storedSrc = image.getAttribute("src");
+      if (image.src !== panel.blobUrl) image.src = panel.blobUrl;
+    } else if (image.dataset.storedSrc && image.getAttribute("src") !== image.dataset.storedSrc) {
+      image.src = image.dataset.storedSrc;
+    }
   }
 
   async function paint(panel, key, scale) {
@@ -346,14 +351,10 @@
     canvas.getContext("2d").putImageData(new ImageData(pixels, shape[1], shape[0]), 0, 0);
     const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
     if (panel.wantedKey !== key) return;      // the reader chose again meanwhile
-    const url = URL.createObjectURL(blob);
-    panel.images.forEach((image) => {
-      if (!image.dataset.storedSrc) image.dataset.storedSrc = image.getAttribute("src");
-      image.src = url;
-    });
     if (panel.blobUrl) URL.revokeObjectURL(panel.blobUrl);
-    panel.blobUrl = url;
+    panel.blobUrl = URL.createObjectURL(blob);
     panel.shownKey = key;
+    images(panel).forEach((image) => showPicture(image, panel));
   }
 
   // Pictures on screen (or about to be): only their maps are fetched and re-coloured now.
@@ -363,15 +364,14 @@
     entries.forEach((entry) => {
       if (entry.isIntersecting) onScreen.add(entry.target);
       else onScreen.delete(entry.target);
-      const panel = panels.get(entry.target.dataset.panelId);
-      if (entry.isIntersecting && panel && pending.has(panel.id)) {
-        const { key, scale } = pending.get(panel.id);
-        pending.delete(panel.id);
-        paint(panel, key, scale).catch(report);
+      const id = entry.target.dataset.panelId;
+      if (entry.isIntersecting && pending.has(id)) {
+        const { key, scale } = pending.get(id);
+        pending.delete(id);
+        paint(panels.get(id), key, scale).catch(report);
       }
     });
   }, { rootMargin: "300px" });
-  panels.forEach((panel) => panel.images.forEach((image) => observer.observe(image)));
 
   function report(error) {
     results.dataset.scaleError = String(error && error.message ? error.message : error);
@@ -381,20 +381,24 @@
   async function refresh() {
     const mine = ++generation;
     results.setAttribute("aria-busy", "true");
+    await ensureRegistry();
     for (const panel of panels.values()) {
       if (panel.fixed) continue;
       const scale = await wantedScale(panel);
       if (mine !== generation) return;
-      updateLegends(panel, scale);
+      panel.scale = scale;
+      legendsOf(panel).forEach((legend) => updateLegend(legend, panel, scale));
       const isStored = !scale.smoothed && sameRange(scale.range, panel.display.range);
       const key = isStored ? null : JSON.stringify([scale.smoothed, scale.range]);
       panel.wantedKey = key;
       pending.delete(panel.id);
       if (key === panel.shownKey) continue;
       if (key === null) {
-        showStored(panel);
+        if (panel.blobUrl) URL.revokeObjectURL(panel.blobUrl);
+        panel.blobUrl = null;
         panel.shownKey = null;
-      } else if (panel.images.some((image) => onScreen.has(image))) {
+        images(panel).forEach((image) => showPicture(image, panel));
+      } else if (Array.from(images(panel)).some((image) => onScreen.has(image))) {
         paint(panel, key, scale).catch(report);
       } else {
         pending.set(panel.id, { key, scale });
@@ -403,65 +407,115 @@
     if (mine === generation) results.removeAttribute("aria-busy");
   }
 
+  let touches = 0;
   function setChoice(panel, field, value) {
+    panel.touched = ++touches;
     group(panel).forEach((member) => {
       if (field === "view" && !member.smoothable) return;
       member[field] = value;
-      const select = field === "clip" ? member.clipSelect : member.viewSelect;
-      if (select) select.value = value;
+      selectsOf(member, field === "clip" ? "clip-select" : "view-select")
+        .forEach((select) => { select.value = value; });
     });
   }
 
-  panels.forEach((panel) => {
-    if (panel.clipSelect) {
-      panel.clipSelect.addEventListener("change", () => {
-        setChoice(panel, "clip", panel.clipSelect.value);
+  // A panel's own choices, beside its opacity slider: the clip percentile, and for gradient
+  // maps the smoothed-magnitude view.
+  function addChoices(figure) {
+    const controls = figure.querySelector(".panel-controls");
+    const display = JSON.parse(figure.dataset.display);
+    if (!controls || display.scale === "fixed" || controls.querySelector(".clip-select")) return;
+    const id = figure.dataset.panelId;
+    const select = (label, className, options, value, field) => {
+      const wrapper = document.createElement("label");
+      wrapper.append(label + " ");
+      const element = document.createElement("select");
+      element.className = className;
+      options.forEach(([key, text]) => element.add(new Option(text, key)));
+      element.value = value;
+      element.addEventListener("change", async () => {
+        await ensureRegistry();
+        setChoice(panels.get(id), field, element.value);
         refresh().catch(report);
       });
+      wrapper.appendChild(element);
+      controls.appendChild(wrapper);
+    };
+    const defaultClip = display.clip_percentile ? formatPercent(display.clip_percentile) : "100";
+    const known = panels.get(id);
+    const percents = Object.keys(display.ranges).map(Number).sort((a, b) => b - a);
+    select("Clip", "clip-select", percents.map((percent) => {
+      const key = formatPercent(percent);
+      return [key, (percent >= 100 ? "max" : key + " %") + (key === defaultClip ? " (default)" : "")];
+    }), known ? known.clip : defaultClip, "clip");
+    if (display.smoothing_sigma_px) {
+      select("Show", "view-select", [["values", "values"], ["smoothed", "smoothed magnitude"]],
+             known ? known.view : "values", "view");
     }
-    if (panel.viewSelect) {
-      panel.viewSelect.addEventListener("change", () => {
-        setChoice(panel, "view", panel.viewSelect.value);
-        refresh().catch(report);
-      });
-    }
-  });
+  }
+
+  // Pictures, legends and panels that arrive with an opened view take the current scales.
+  function adopt(root) {
+    root.querySelectorAll("figure.panel[data-display]").forEach(addChoices);
+    root.querySelectorAll("img.map-image[data-panel-id]").forEach((image) => {
+      observer.observe(image);
+      const panel = panels.get(image.dataset.panelId);
+      if (panel) showPicture(image, panel);
+    });
+    root.querySelectorAll(".legend[data-panel-id]").forEach((legend) => {
+      const panel = panels.get(legend.dataset.panelId);
+      if (panel && panel.scale) updateLegend(legend, panel, panel.scale);
+    });
+  }
+  adopt(results);
+  new MutationObserver((changes) => changes.forEach((change) => change.addedNodes.forEach((node) => {
+    if (node.nodeType === Node.ELEMENT_NODE) adopt(node);
+  }))).observe(results, { childList: true, subtree: true });
 
   const modeSelect = document.getElementById("scale-mode");
   const clipAll = document.getElementById("clip-all");
   const viewAll = document.getElementById("view-all");
   if (modeSelect) {
-    modeSelect.addEventListener("change", () => {
+    modeSelect.addEventListener("change", async () => {
+      await ensureRegistry();
       mode = modeSelect.value;
-      // A shared scale needs one clip and one view per group: its first map's.
+      // A shared scale needs one clip and one view per group: those of the map the reader
+      // chose for last (else its first map's).
       const done = new Set();
       panels.forEach((panel) => {
         if (done.has(panel.id)) return;
-        group(panel).forEach((member) => {
+        const members = group(panel);
+        const lead = members.reduce((a, b) => (b.touched > a.touched ? b : a));
+        members.forEach((member) => {
           done.add(member.id);
-          setChoice(member, "clip", panel.clip);
-          setChoice(member, "view", panel.view);
+          member.clip = lead.clip;
+          if (member.smoothable) member.view = lead.view;
+          selectsOf(member, "clip-select").forEach((select) => { select.value = member.clip; });
+          selectsOf(member, "view-select").forEach((select) => { select.value = member.view; });
         });
       });
       refresh().catch(report);
     });
   }
   if (clipAll) {
-    clipAll.addEventListener("change", () => {
+    clipAll.addEventListener("change", async () => {
+      clipAllChoice = clipAll.value;
+      await ensureRegistry();
       panels.forEach((panel) => {
         panel.clip = clipAll.value === "default" ? panel.defaultClip : clipAll.value;
         if (!(panel.clip in panel.display.ranges)) panel.clip = "100";
-        if (panel.clipSelect) panel.clipSelect.value = panel.clip;
+        selectsOf(panel, "clip-select").forEach((select) => { select.value = panel.clip; });
       });
       refresh().catch(report);
     });
   }
   if (viewAll) {
-    viewAll.addEventListener("change", () => {
+    viewAll.addEventListener("change", async () => {
+      viewAllChoice = viewAll.value;
+      await ensureRegistry();
       panels.forEach((panel) => {
         if (!panel.smoothable) return;
         panel.view = viewAll.value;
-        if (panel.viewSelect) panel.viewSelect.value = panel.view;
+        selectsOf(panel, "view-select").forEach((select) => { select.value = panel.view; });
       });
       refresh().catch(report);
     });

@@ -3,14 +3,15 @@
 // open, moving to another cell shows that cell's detail. A row heading opens "every method on
 // this image", a column heading "this method on every image", both in place; Esc closes.
 //
-// Without this script the same links work: CSS shows the section named by the URL's #fragment
-// (:target) below the grid.
+// Each view is its own page on the server (what these links open without this script); here
+// it is fetched once as a fragment (?fragment=1) and kept, so the job page itself holds only
+// the grid however many images and methods it has.
 "use strict";
 
 (function () {
   const grid = document.getElementById("results-grid");
   const results = document.getElementById("results");
-  const home = document.getElementById("views");
+  const home = document.getElementById("views");     // where views wait while closed
   if (!grid || !results || !home) return;
 
   const rows = Array.from(grid.tBodies[0].rows);
@@ -18,7 +19,7 @@
   const cells = matrix.flat();
   const columns = grid.tHead.rows[0].cells.length;
   let current = cells[0] || null;      // the one cell reachable with Tab (roving tabindex)
-  let open = null;                     // {section, row (tr), origin (element to refocus)}
+  let open = null;                     // {viewId, section, viewRow, origin (to refocus)}
 
   cells.forEach((cell) => {
     cell.tabIndex = cell === current ? 0 : -1;
@@ -45,8 +46,10 @@
   function close(refocus) {
     if (!open) return;
     const { section, viewRow, origin } = open;
-    section.classList.remove("open");
-    home.appendChild(section);
+    if (section) {
+      section.classList.remove("open");
+      home.appendChild(section);
+    }
     viewRow.remove();
     grid.querySelectorAll(".cell.open").forEach((cell) => {
       cell.classList.remove("open");
@@ -57,81 +60,127 @@
     if (refocus && origin) origin.focus({ preventScroll: false });
   }
 
-  // Show a detail or compare section in a full-width row of the grid: after `afterRow`, or
-  // first in the body when null (a method across every image).
-  function show(sectionId, afterRow, origin) {
-    const section = document.getElementById(sectionId);
-    if (!section) return;
-    if (open && open.section === section) return;
+  // A view's section: in the page already (opened before, or the static report), else fetched
+  // from its own page as a fragment and kept for the next time.
+  const loading = new Map();
+  function section(viewId, href) {
+    const here = document.getElementById(viewId);
+    if (here) return Promise.resolve(here);
+    if (!loading.has(viewId)) {
+      loading.set(viewId, (async () => {
+        const url = new URL(href, location.href);
+        url.searchParams.set("fragment", "1");
+        const response = await fetch(url, { credentials: "same-origin" });
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        const holder = document.createElement("template");
+        holder.innerHTML = (await response.text()).trim();
+        const fetched = holder.content.firstElementChild;
+        if (!fetched || fetched.id !== viewId) throw new Error("unexpected view");
+        home.appendChild(fetched);
+        return fetched;
+      })().finally(() => loading.delete(viewId)));
+    }
+    return loading.get(viewId);
+  }
+
+  // Show a view in a full-width row of the grid: after `afterRow`, or first in the body when
+  // null (a method across every image).
+  let wanted = null;
+  async function show(viewId, href, afterRow, origin) {
+    if (open && open.viewId === viewId) return;
+    wanted = viewId;
     close(false);
     const viewRow = document.createElement("tr");
     viewRow.className = "view-row";
     const holder = document.createElement("td");
     holder.className = "view-cell";
     holder.colSpan = columns;
-    holder.appendChild(section);
     viewRow.appendChild(holder);
     const body = grid.tBodies[0];
     body.insertBefore(viewRow, afterRow ? afterRow.nextSibling : body.firstChild);
-    section.classList.add("open");
     if (origin && origin.classList.contains("cell")) {
       origin.classList.add("open");
       origin.setAttribute("aria-expanded", "true");
     }
-    open = { section, viewRow, origin };
-    history.replaceState(null, "", "#" + sectionId);
-    const box = section.getBoundingClientRect();
-    if (box.bottom > window.innerHeight || box.top < 0) {
-      section.scrollIntoView({ block: box.height > window.innerHeight ? "start" : "nearest" });
+    open = { viewId, section: null, viewRow, origin };
+    history.replaceState(null, "", "#" + viewId);
+    let found;
+    try {
+      if (!document.getElementById(viewId)) {
+        holder.innerHTML = '<p class="view-loading" role="status">Loading…</p>';
+      }
+      found = await section(viewId, href);
+    } catch (error) {
+      if (wanted === viewId) {
+        holder.replaceChildren();
+        const message = document.createElement("p");
+        message.className = "alert";
+        message.setAttribute("role", "alert");
+        message.textContent = "This view could not be loaded (" + error.message + "); ";
+        const link = document.createElement("a");
+        link.href = href;
+        link.textContent = "open it on its own page";
+        message.appendChild(link);
+        holder.appendChild(message);
+      }
+      return;
     }
+    if (wanted !== viewId || !open || open.viewId !== viewId) return;   // moved on meanwhile
+    holder.replaceChildren(found);
+    found.classList.add("open");
+    open.section = found;
+    const box = found.getBoundingClientRect();
+    if (box.bottom > window.innerHeight || box.top < 0) {
+      found.scrollIntoView({ block: box.height > window.innerHeight ? "start" : "nearest" });
+    }
+    if (origin && !origin.classList.contains("cell")) found.focus({ preventScroll: true });
   }
 
-  function openCell(cell) {
-    show(cell.dataset.detail, cell.closest("tr"), cell);
+  function rowOf(viewId) {
+    const parts = viewId.split("-");
+    if (parts[0] === "detail" || parts[1] === "image") {
+      const row = parts[0] === "detail" ? parts[1] : parts[2];
+      return grid.querySelector('tr.grid-row[data-row="' + row + '"]');
+    }
+    return null;
   }
 
-  function openCompare(link) {
-    const id = link.dataset.compare;
-    const row = id.startsWith("compare-image-") ? link.closest("tr") : null;
-    show(id, row, link);
-    document.getElementById(id).focus({ preventScroll: true });
+  function openLink(link) {
+    const viewId = link.dataset.view;
+    if (viewId.startsWith("detail-")) {
+      const cell = document.getElementById(viewId.replace("detail-", "cell-"));
+      focusCell(cell);
+      return show(viewId, cell.getAttribute("href"), rowOf(viewId), cell);
+    }
+    return show(viewId, link.getAttribute("href"), rowOf(viewId), link);
   }
 
   grid.addEventListener("click", (event) => {
-    const cell = event.target.closest("a.cell");
-    if (cell && grid.contains(cell)) {
-      event.preventDefault();
-      focusCell(cell);
-      if (open && open.origin === cell) close(true);
-      else openCell(cell);
-      return;
-    }
-    const compare = event.target.closest("a.compare-link");
-    if (compare) {
-      event.preventDefault();
-      if (open && open.section.id === compare.dataset.compare) close(true);
-      else openCompare(compare);
-      return;
-    }
-    const toDetail = event.target.closest("a[data-detail]");
-    if (toDetail) {          // from a compare view to one map's detail
-      event.preventDefault();
-      const cell = document.getElementById(toDetail.dataset.detail.replace("detail-", "cell-"));
-      focusCell(cell);
-      openCell(cell);
-      return;
-    }
     const closer = event.target.closest("a.view-close");
     if (closer) {
       event.preventDefault();
       close(true);
+      return;
     }
+    const link = event.target.closest("a[data-view]");
+    if (!link) return;
+    event.preventDefault();
+    if (open && open.viewId === link.dataset.view) close(true);
+    else openLink(link);
   });
+
+  // While a detail is open, moving the focus opens the new cell's detail once the keys rest.
+  let following = null;
+  function follow(cell) {
+    window.clearTimeout(following);
+    following = window.setTimeout(() => openLink(cell), 120);
+  }
 
   grid.addEventListener("keydown", (event) => {
     const cell = event.target.closest ? event.target.closest("a.cell") : null;
     if (event.key === "Escape" && open) {
       event.preventDefault();
+      window.clearTimeout(following);
       close(true);
       return;
     }
@@ -152,14 +201,15 @@
     }
     event.preventDefault();
     if (!next) return;
-    const following = open && open.origin && open.origin.classList.contains("cell");
+    const detailOpen = open && open.origin && open.origin.classList.contains("cell");
     focusCell(next);
-    if (following) openCell(next);      // an open detail follows the keyboard
+    if (detailOpen) follow(next);       // an open detail follows the keyboard
   });
 
-  // Esc from inside an open view (its sliders and selects) closes it too.
-  results.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && open && !grid.contains(event.target)) {
+  // Esc anywhere else on the page (inside an open view's sliders and selects, or with
+  // nothing focused) closes the open view too.
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && open && !event.defaultPrevented && !grid.contains(event.target)) {
       event.preventDefault();
       close(true);
     }
@@ -168,16 +218,11 @@
   // A link to a view (#detail-3-2, #compare-method-1) opens it in place: on arrival, and when
   // the fragment changes (a link from elsewhere on the page, back and forward).
   function openFromHash() {
-    const wanted = location.hash.slice(1);
-    if (!/^(detail|compare)-/.test(wanted) || !document.getElementById(wanted)) return;
-    if (open && open.section.id === wanted) return;
-    if (wanted.startsWith("detail-")) {
-      const cell = document.getElementById(wanted.replace("detail-", "cell-"));
-      if (cell) { focusCell(cell); openCell(cell); }
-    } else {
-      const link = grid.querySelector('a.compare-link[data-compare="' + wanted + '"]');
-      if (link) openCompare(link);
-    }
+    const viewId = location.hash.slice(1);
+    if (!/^(detail-\d+-\d+|compare-(image|method)-\d+)$/.test(viewId)) return;
+    if (open && open.viewId === viewId) return;
+    const link = grid.querySelector('a[data-view="' + viewId + '"]');
+    if (link) openLink(link);
   }
   openFromHash();
   window.addEventListener("hashchange", openFromHash);

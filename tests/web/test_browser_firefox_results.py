@@ -32,8 +32,8 @@ OVERFLOW = """
                      && e.getBoundingClientRect().right > root.clientWidth + 1)
         .slice(0, 3).map(e => e.tagName + '.' + e.className);
     return {scroll: root.scrollWidth, client: root.clientWidth, wide, inner: innerWidth};"""
-LOADED = """return Array.from(document.querySelectorAll(arguments[0]))
-    .every(i => i.complete && i.naturalWidth > 0);"""
+LOADED = """const images = Array.from(document.querySelectorAll(arguments[0]));
+    return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);"""
 
 
 def test_results_grid_and_views_in_firefox(tmp_path):
@@ -84,7 +84,7 @@ def test_results_grid_and_views_in_firefox(tmp_path):
             scroll_through()
             wait_until(lambda: script(LOADED, "#results-grid img"), 60, "every grid picture")
             for opener, view in (("#results-grid tr.grid-row a.cell", ".view.detail.open"),
-                                 ("a.compare-link[data-compare=compare-method-1]",
+                                 ("a.compare-link[data-view=compare-method-1]",
                                   ".view.compare.open"),
                                  ("#results-grid tr.grid-row:nth-child(3) a.row-link",
                                   ".view.compare.open")):
@@ -125,8 +125,9 @@ def test_results_grid_and_views_in_firefox(tmp_path):
                                          "return d && d.id"), 10, "the detail") == detail
         client.get_active_element().send_keys(Keys.ARROW_UP)
         assert active() == f"cell-{order[0]}-0"
-        assert script("return document.querySelector('.view.detail.open').id") == \
-            f"detail-{order[0]}-0"
+        wait_until(lambda: script("const d = document.querySelector('.view.detail.open');"
+                                  "return d && d.id === arguments[0]", f"detail-{order[0]}-0"),
+                   10, "the detail to follow the focus")
 
         # Clip at max: the page re-colours the map from its .npy like the renderer.
         image = int(order[0])

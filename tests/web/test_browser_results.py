@@ -67,7 +67,10 @@ def scroll_through(page) -> None:
     }""")
 
 
-LOADED = "sel => Array.from(document.querySelectorAll(sel)).every(i => i.complete && i.naturalWidth > 0)"
+LOADED = """sel => {
+    const images = Array.from(document.querySelectorAll(sel));
+    return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);
+}"""
 
 
 def test_grid_and_views_fit_load_and_paint_fast_at_every_width(results_page, chromium):
@@ -116,7 +119,7 @@ def test_grid_and_views_fit_load_and_paint_fast_at_every_width(results_page, chr
         assert shift[0] < 0.01, f"layout shift {shift} at {width}px while the grid loads"
 
         for opener, view in ((first_failure, ".view.detail.open"),
-                             (page.locator("a.compare-link[data-compare=compare-method-0]"),
+                             (page.locator("a.compare-link[data-view=compare-method-0]"),
                               ".view.compare.open"),
                              (rows.nth(2).locator("a.row-link"), ".view.compare.open")):
             opener.click()
@@ -166,6 +169,7 @@ def test_the_keyboard_moves_between_cells_and_the_detail_follows(results_page, c
 
     page.keyboard.press("Enter")                       # opens the detail under its row
     detail = page.locator(".view.detail.open")
+    detail.wait_for()
     assert detail.get_attribute("id") == f"detail-{order[0]}-0"
     assert page.evaluate("""() => {
         const view = document.querySelector('.view.open').closest('tr');
@@ -176,10 +180,12 @@ def test_the_keyboard_moves_between_cells_and_the_detail_follows(results_page, c
 
     page.keyboard.press("ArrowRight")                  # the open detail follows the focus
     assert active_cell(page) == cell(0, 1)
-    assert detail.get_attribute("id") == f"detail-{order[0]}-1"
+    page.wait_for_selector(f"#detail-{order[0]}-1.open")
     assert page.locator(".view.open").count() == 1
     page.keyboard.press("ArrowDown")
-    assert detail.get_attribute("id") == f"detail-{order[1]}-1"
+    page.wait_for_selector(f"#detail-{order[1]}-1.open")
+    assert page.locator(".view.open").count() == 1
+    assert active_cell(page) == cell(1, 1)
 
     page.keyboard.press("Escape")
     assert page.locator(".view.open").count() == 0

@@ -77,7 +77,7 @@ def between(html: str, start: str, end: str) -> str:
     return html[begin:html.index(end, begin)]
 
 
-def test_job_page_grid_first_failures_first_then_views(client):
+def test_job_page_grid_failures_first_and_views_on_their_own_pages(client):
     images = upload(client, (png_bytes(seed=7), "good.png"), (png_bytes(seed=8), "bad.png"))
     ids = [image["id"] for image in images]
     first = run_job(client, ids)
@@ -85,13 +85,14 @@ def test_job_page_grid_first_failures_first_then_views(client):
     wrong = next(label for label in ("cat", "dog") if label != predicted["label"])
     methods = [{"name": "grad_cam"}, {"name": "saliency"}, {"name": "partial_occlusion"}]
     job = run_job(client, ids, methods, true_labels={ids[1]: wrong})
-    html = client.get(f"/jobs/{job['id']}").get_data(as_text=True)
+    page = f"/jobs/{job['id']}"
+    html = client.get(page).get_data(as_text=True)
     assert 'data-finished="true"' in html
 
-    # The grid comes first, then the views its links open (hidden until opened).
+    # The job page is the grid: rows of images (failure cases first), columns of methods.
     grid = between(html, '<table class="results-grid', "</table>")
-    assert html.index("<table class=\"results-grid") < html.index('class="view detail"')
     assert 'has-failures' in grid and 'data-columns="3"' in grid
+    assert '<section class="view' not in html             # views are fetched, not inlined
     rows = re.findall(r'<tr class="grid-row( failure)?" data-row="(\d)"', grid)
     assert rows == [(" failure", "1"), ("", "0")]                    # failure case first
     # A failure row shows the predicted and the true class side by side, in that order.
@@ -100,41 +101,65 @@ def test_job_page_grid_first_failures_first_then_views(client):
         ("predicted", "pred", predicted["label"]), ("true", "true", wrong)]
     assert len(re.findall(r'class="layer overlay map-image grid-overlay"',
                           between(grid, 'id="cell-0-1"', "</td>"))) == 1
-    for row in (0, 1):
-        for method in range(3):
-            assert f'href="#detail-{row}-{method}"' in grid
-            assert f'<section class="view detail" id="detail-{row}-{method}"' in html
-        assert f'href="#compare-image-{row}"' in grid and f'id="compare-image-{row}"' in html
-    for method in range(3):
-        assert f'href="#compare-method-{method}"' in grid and f'id="compare-method-{method}"' in html
-
-    # Every map's picture has its size before it loads; all below the first rows load lazily.
+    # Every picture has its size before it loads; the first rows load at once, later lazily.
     for tag in re.findall(r"<img [^>]*>", html):
-        if 'class="illustration"' not in tag:
-            assert 'width="32" height="32"' in tag, tag
-        assert 'loading="lazy"' in tag or 'loading="eager"' in tag, tag
+        assert 'width="32" height="32"' in tag and 'loading="eager"' in tag, tag
+    views = {f"detail-{row}-{method}" for row in (0, 1) for method in range(3)}
+    views |= {f"compare-image-{row}" for row in (0, 1)}
+    views |= {f"compare-method-{method}" for method in range(3)}
+    links = set(re.findall(rf'href="{page}/views/([\w-]+)" (?:class="compare-link[^"]*" )?'
+                           r'data-view="([\w-]+)"', grid))
+    assert links == {(view, view) for view in views}
+
+    # Each view is a page of its own (no JavaScript needed) and a fragment for the script.
+    for view in views:
+        full = client.get(f"{page}/views/{view}")
+        assert full.status_code == 200, view
+        fragment = client.get(f"{page}/views/{view}?fragment=1").get_data(as_text=True)
+        assert fragment.lstrip().startswith(f'<section class="view ') and f'id="{view}"' in fragment
+        assert "<html" not in fragment and "<html" in full.get_data(as_text=True)
+        for url in set(re.findall(r'src="(/api/v1/[^"]+)"', fragment)):
+            assert client.get(url).status_code == 200, url
 
     # A detail: the full panels of one image and method, with what a reader needs.
-    detail = between(html, 'id="detail-1-1"', "</section>")
+    detail = client.get(f"{page}/views/detail-1-1?fragment=1").get_data(as_text=True)
     assert "failure case" in detail and "Saliency" in detail
     assert detail.count('<figure class="panel panel-heatmap"') == 2     # predicted and true
     assert 'class="opacity-slider"' in detail and 'class="layer overlay map-image"' in detail
     assert "data-display='" in detail and "data-array-url=" in detail
     assert "Own scale: values above the 99.5th percentile saturate." in detail
     assert "overlay PNG" in detail and ".npy" in detail and ">JSON<" in detail
-    assert "Own scale: full range: minimum to maximum." in between(html, 'id="detail-1-0"',
-                                                                   "</section>")
-    partial = between(html, 'id="detail-0-2"', "</section>")
+    for tag in re.findall(r"<img [^>]*>", detail):
+        assert 'width="32" height="32"' in tag and 'loading="lazy"' in tag, tag
+    assert f'href="{page}#cell-1-1"' in detail                         # back to the grid
+    assert "Own scale: full range: minimum to maximum." in client.get(
+        f"{page}/views/detail-1-0?fragment=1").get_data(as_text=True)
+    partial = client.get(f"{page}/views/detail-0-2?fragment=1").get_data(as_text=True)
     assert 'class="illustration"' in partial
     assert "Own scale: fixed scale from 0 to 1." in partial
-    # The image's compare view holds its picture and top-k predictions.
-    assert "<meter" in between(html, 'id="compare-image-1"', "</section>")
-    assert "true-class" in between(html, 'id="compare-image-1"', "</section>")
-    for url in set(re.findall(r'src="(/api/v1/[^"]+)"', html)):
-        assert client.get(url).status_code == 200, url
+    # The image's comparison holds its picture, top-k predictions and every method's map.
+    image = client.get(f"{page}/views/compare-image-1?fragment=1").get_data(as_text=True)
+    assert "<meter" in image and "true-class" in image
+    assert image.count('class="compare-item"') == 3 * 2
+    method = client.get(f"{page}/views/compare-method-0?fragment=1").get_data(as_text=True)
+    assert method.count('class="compare-item"') == 3                 # 2 + 1 maps
+    for bad in ("detail-2-0", "detail-0-3", "compare-image-9", "compare-method-3", "nope",
+                "detail-0-0-0", "..%2F..%2Fetc"):
+        response = client.get(f"{page}/views/{bad}")
+        assert response.status_code == 404 and b"E_NOT_FOUND" in response.data, bad
 
 
-def test_the_views_open_by_fragment_without_javascript(client):
+def test_views_of_a_running_job_lead_back_to_its_page(held_executor):
+    _, client, _, image, gate, _ = held_executor
+    job_id = client.post("/api/v1/jobs", json={"images": [image], "visualizations": [
+        {"name": "grad_cam"}]}).json["id"]
+    response = client.get(f"/jobs/{job_id}/views/detail-0-0")
+    assert response.status_code == 303 and response.headers["Location"] == f"/jobs/{job_id}"
+    gate.set()
+    wait_job(client, job_id)
+
+
+def test_the_static_views_open_by_fragment_without_javascript(client):
     css = client.get("/static/css/convscope.css").get_data(as_text=True)
     assert re.search(r"\.view \{ display: none;", css)
     assert "html:not(.js) .view:target, .view.open { display: block; }" in css
