@@ -125,8 +125,8 @@ def full_range(values: np.ndarray, signed: bool) -> tuple[float, float]:
     return (float(array.min()), float(array.max()))
 
 
-def clipped_ranges(values: np.ndarray, signed: bool,
-                   percentiles: tuple[float, ...] = CLIP_CHOICES) -> dict[float, tuple[float, float]]:
+def clipped_ranges(values: np.ndarray, signed: bool, percentiles: tuple[float, ...] = CLIP_CHOICES
+                   ) -> dict[float, tuple[float, float]]:
     """The colour range for each clip percentile, from one sort of the map.
 
     Signed: ``±`` the percentile of |map| (0 stays the middle). Unsigned: the minimum up to the

@@ -154,10 +154,11 @@ def _results_context(view: dict[str, Any]) -> dict[str, Any]:
     from app.rendering import colormap_hex
 
     job_id = view["id"]
+    views = url_for("pages.job_results_view", job_id=job_id, view_id="-")[:-1]
+    page = url_for("pages.job", job_id=job_id)
     return {"job": view, "results": _ordered_results(view), "methods": _method_columns(view),
-            "view_href": lambda view_id: url_for("pages.job_results_view", job_id=job_id,
-                                                 view_id=view_id),
-            "grid_href": lambda anchor: url_for("pages.job", job_id=job_id) + "#" + anchor,
+            "view_href": lambda view_id: views + view_id,
+            "grid_href": lambda anchor: page + "#" + anchor,
             "colormaps": {"unsigned": colormap_hex(False), "signed": colormap_hex(True)}}
 
 

@@ -76,7 +76,8 @@ def test_results_grid_and_views_in_firefox(tmp_path):
                 domContentLoaded: performance.getEntriesByType('navigation')[0]
                                   .domContentLoadedEventEnd};""")))
             names = script("return Array.from(document.querySelectorAll("
-                           "'#results-grid tr.grid-row .row-head .filename')).map(e => e.textContent)")
+                           "'#results-grid tr.grid-row .row-head .filename'))"
+                           ".map(e => e.textContent)")
             assert len(names) == IMAGES and set(names[:len(FAILURES)]) == failures
             assert script("return document.querySelectorAll('#results-grid a.cell').length") == \
                 IMAGES * len(METHODS)

@@ -83,7 +83,8 @@ def test_grid_and_views_fit_load_and_paint_fast_at_every_width(results_page, chr
         new PerformanceObserver(list => list.getEntries().forEach(e => {
             if (e.hadRecentInput) return;
             window.__shift += e.value;
-            window.__shifted.push(...e.sources.map(s => s.node && (s.node.className || s.node.nodeName)));
+            window.__shifted.push(...e.sources.map(
+                s => s.node && (s.node.className || s.node.nodeName)));
         })).observe({type: 'layout-shift', buffered: true});""")
     page = context.new_page()
     problems = page_problems(page)
@@ -91,12 +92,14 @@ def test_grid_and_views_fit_load_and_paint_fast_at_every_width(results_page, chr
     for width in WIDTHS:
         page.set_viewport_size({"width": width, "height": 900})
         page.goto(base + job["url"])
-        page.wait_for_function("performance.getEntriesByName('convscope:grid-painted').length",
+        page.wait_for_function("() => performance.getEntriesByName('convscope:grid-painted')"
+                               ".length > 0",
                                timeout=30_000)
         paint = page.evaluate("""() => ({
             grid: performance.getEntriesByName('convscope:grid-painted')[0].startTime,
             fcp: (performance.getEntriesByName('first-contentful-paint')[0] || {}).startTime,
-            domContentLoaded: performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd,
+            domContentLoaded:
+                performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd,
             html: performance.getEntriesByType('navigation')[0].transferSize})""")
         timings.append((width, paint))
 
@@ -351,7 +354,8 @@ def test_the_page_functions_agree_with_numpy_scipy_and_the_renderer(chromium):
         assert (rgb == reference).all(axis=-1).mean() > 0.99
 
     for sigma in (1.0, 2.0, 3.4):
-        blurred = page.evaluate("([v, w, h, s]) => Array.from(convscopeMaps.smoothMagnitude(v, w, h, s))",
+        blurred = page.evaluate("([v, w, h, s]) => "
+                                "Array.from(convscopeMaps.smoothMagnitude(v, w, h, s))",
                                 [values.ravel().tolist(), 31, 23, sigma])
         reference = gaussian_filter(np.abs(values).astype(np.float64), sigma, mode="reflect",
                                     truncate=4.0)

@@ -116,7 +116,8 @@ def test_job_page_grid_failures_first_and_views_on_their_own_pages(client):
         full = client.get(f"{page}/views/{view}")
         assert full.status_code == 200, view
         fragment = client.get(f"{page}/views/{view}?fragment=1").get_data(as_text=True)
-        assert fragment.lstrip().startswith(f'<section class="view ') and f'id="{view}"' in fragment
+        assert fragment.lstrip().startswith('<section class="view ')
+        assert f'id="{view}"' in fragment
         assert "<html" not in fragment and "<html" in full.get_data(as_text=True)
         for url in set(re.findall(r'src="(/api/v1/[^"]+)"', fragment)):
             assert client.get(url).status_code == 200, url
