@@ -131,19 +131,28 @@ def _ordered_results(view: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _method_columns(view: dict[str, Any]) -> list[dict[str, Any]]:
-    """The grid's columns: each method's title, plus the parameters that tell apart a method
-    requested twice (e.g. saliency with and without SmoothGrad)."""
+    """The grid's columns: each method's title, plus -- for a method requested more than once --
+    its parameters that differ from the method's defaults (e.g. "Saliency (gradients) ·
+    smoothgrad samples 16" beside plain "Saliency (gradients)")."""
     params = ([item["params"] for item in view["results"][0]["visualizations"]]
               if view["results"] else [{} for _ in view["methods"]])
+    registry = _services().visualizations
     columns = []
     for number, method in enumerate(view["methods"]):
-        twins = [params[n] for n, other in enumerate(view["methods"])
-                 if other["name"] == method["name"]]
-        differing = sorted(key for key in params[number]
-                           if len({repr(twin.get(key)) for twin in twins}) > 1)
         title = method["title"]
-        if differing:
-            title += " (" + ", ".join(f"{key}={params[number][key]}" for key in differing) + ")"
+        twins = [n for n, other in enumerate(view["methods"]) if other["name"] == method["name"]]
+        if len(twins) > 1:
+            try:
+                defaults = {spec.name: spec.default
+                            for spec in registry.get(method["name"]).param_specs()}
+            except ConvscopeError:       # a method removed since the job ran
+                defaults = {}
+            own = {key: value for key, value in params[number].items()
+                   if key in defaults and value != defaults[key]
+                   and len({repr(params[n].get(key)) for n in twins}) > 1}
+            if own:
+                title += " · " + ", ".join(f"{key.replace('_', ' ')} {value}"
+                                           for key, value in sorted(own.items()))
         columns.append({**method, "title": title})
     return columns
 

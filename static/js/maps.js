@@ -186,7 +186,7 @@
     signed: hexTable(job.dataset.colormapSigned),
   };
   let mode = "panel";
-  let methodTitles = [];
+  const methodTitles = JSON.parse(job.dataset.methodTitles || "[]");
   let viewAllChoice = "values";
   let clipAllChoice = "default";
 
@@ -202,8 +202,6 @@
         });
         if (!response.ok) throw new Error("job: HTTP " + response.status);
         const data = await response.json();
-        methodTitles = Array.from(document.querySelectorAll("#results-grid .column-head a"))
-          .map((link) => link.textContent.trim());
         data.results.forEach((result, image) => {
           result.visualizations.forEach((item, method) => {
             item.panels.forEach((record, number) => {
@@ -470,6 +468,13 @@
   new MutationObserver((changes) => changes.forEach((change) => change.addedNodes.forEach((node) => {
     if (node.nodeType === Node.ELEMENT_NODE) adopt(node);
   }))).observe(results, { childList: true, subtree: true });
+
+  const opacity = document.getElementById("opacity-all");
+  if (opacity) {          // every overlay that its own panel's slider has not set
+    opacity.addEventListener("input", () => {
+      results.style.setProperty("--map-opacity", opacity.value);
+    });
+  }
 
   const modeSelect = document.getElementById("scale-mode");
   const clipAll = document.getElementById("clip-all");

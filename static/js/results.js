@@ -241,10 +241,4 @@
       grid.classList.add("size-" + size.value);
     });
   }
-  const opacity = document.getElementById("opacity-all");
-  if (opacity) {
-    opacity.addEventListener("input", () => {
-      results.style.setProperty("--map-opacity", opacity.value);
-    });
-  }
 })();

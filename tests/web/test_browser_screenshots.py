@@ -46,18 +46,19 @@ def test_readme_screenshots(tmp_path, chromium):
                                  device_scale_factor=1)
         problems = page_problems(page)
 
-        # Before and after: the cat's gradient maps compared large.
-        page.goto(base + maps["url"])
-        page.click("a.row-link")
-        view = page.locator(".view.compare.open")
-        view.wait_for()
-        page.wait_for_function("() => Array.from(document.querySelectorAll('.view.open img'))"
+        # Before and after: the cat's gradient maps compared large, on the comparison's own
+        # page, with the maps at 85 % opacity over the photo.
+        page.goto(base + maps["url"] + "/views/compare-image-0")
+        view = page.locator(".view.compare")
+        page.wait_for_function("() => Array.from(document.querySelectorAll('.view img'))"
                                ".every(i => i.complete && i.naturalWidth > 0)")
+        page.locator("#opacity-all").fill("0.85")
         page.evaluate("document.activeElement.blur()")
         view.screenshot(path=str(ROOT / "docs" / "maps-after.png"))
         page.select_option("#clip-all", "100")
-        page.wait_for_function("() => Array.from(document.querySelectorAll('.view.open "
-                               "img.layer')).every(i => i.src.startsWith('blob:') && i.complete)")
+        page.wait_for_function("() => Array.from(document.querySelectorAll('.view img.layer'))"
+                               ".every(i => i.src.startsWith('blob:') && i.complete)")
+        page.evaluate("document.activeElement.blur()")
         view.screenshot(path=str(ROOT / "docs" / "maps-before.png"))
 
         # The results grid with the cat's Grad-CAM detail open.

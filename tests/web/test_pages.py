@@ -136,7 +136,7 @@ def test_job_page_grid_failures_first_and_views_on_their_own_pages(client):
     assert "Own scale: full range: minimum to maximum." in client.get(
         f"{page}/views/detail-1-0?fragment=1").get_data(as_text=True)
     partial = client.get(f"{page}/views/detail-0-2?fragment=1").get_data(as_text=True)
-    assert 'class="illustration"' in partial
+    assert re.search(r'<img class="illustration" [^>]* width="32" height="32">', partial)
     assert "Own scale: fixed scale from 0 to 1." in partial
     # The image's comparison holds its picture, top-k predictions and every method's map.
     image = client.get(f"{page}/views/compare-image-1?fragment=1").get_data(as_text=True)
@@ -281,3 +281,13 @@ def test_legend_css_and_static_assets(client):
     for asset in ("/static/css/convscope.css", "/static/js/workbench.js", "/static/js/job.js",
                   "/static/js/maps.js", "/static/js/results.js"):
         assert client.get(asset).status_code == 200, asset
+
+
+def test_a_method_requested_twice_is_told_apart_by_its_parameters(client):
+    image = upload(client, (png_bytes(seed=13), "one.png"))[0]["id"]
+    job = run_job(client, [image], [{"name": "saliency"},
+                                    {"name": "saliency", "params": {"smoothgrad_samples": 4}}])
+    grid = between(client.get(f"/jobs/{job['id']}").get_data(as_text=True),
+                   '<table class="results-grid', "</thead>")
+    heads = re.findall(r'title="Compare [^"]*">([^<]+)</a></th>', grid)
+    assert heads == ["Saliency (gradients)", "Saliency (gradients) · smoothgrad samples 4"]
