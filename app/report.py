@@ -6,7 +6,7 @@ means the bundled demo), runs the requested methods on every image and writes in
 * ``results.json`` -- ``{"model": {...}, "images": [{"file", "predictions", "visualizations":
   [{"method", "params", "elapsed_ms", "panels": [<panel record>]}]}]}``, where a panel record is
   the one the server stores (``app.pipeline.panel_record``: title, kind, signed, target,
-  value_range, metrics, notes, overlay, heatmap, array), with paths relative to OUTDIR;
+  value_range, display, metrics, notes, overlay, heatmap, array), with paths relative to OUTDIR;
 * the PNGs and ``.npy`` arrays those paths name;
 * ``report.html`` -- one self-contained page (images inlined as data URIs, the job page's
   stylesheet inline, no script) with the job page's results grid, detail and compare views

@@ -179,7 +179,9 @@ def job(job_id: str) -> str:
                            **_results_context(view))
 
 
-_VIEW_ID = re.compile(r"detail-(\d+)-(\d+)|compare-image-(\d+)|compare-method-(\d+)")
+_NUMBER = r"(0|[1-9][0-9]{0,5})"
+_VIEW_ID = re.compile(rf"detail-{_NUMBER}-{_NUMBER}|compare-image-{_NUMBER}|"
+                      rf"compare-method-{_NUMBER}")
 
 
 def _view_title(view_id: str, context: dict[str, Any]) -> str | None:

@@ -253,7 +253,8 @@ def test_class_names_and_file_names_are_escaped_everywhere(make_app, tmp_path):
     assert response.status_code == 202, response.json
     job = wait_job(client, response.json["id"])
     assert job["status"] == "done"
-    for path in ("/", f"/jobs/{job['id']}", "/models"):
+    views = [f"/jobs/{job['id']}/views/{view}" for view in ("detail-0-0", "compare-image-0")]
+    for path in ("/", f"/jobs/{job['id']}", "/models", *views):
         html = client.get(path).get_data(as_text=True)
         for raw in ("<script>alert", "<img src=x", "<svg onload"):
             assert raw not in html, (path, raw)
@@ -261,6 +262,10 @@ def test_class_names_and_file_names_are_escaped_everywhere(make_app, tmp_path):
     assert "&lt;img src=x onerror=alert(3)&gt;.png" in job_page
     assert "&lt;script&gt;alert(&#34;c&#34;)&lt;/script&gt;" in job_page
     assert "dog &amp; &#39;cat&#39;" in job_page
+    detail = client.get(views[0]).get_data(as_text=True)      # every target's panel title
+    for escaped in ("&lt;script&gt;alert(&#34;c&#34;)&lt;/script&gt;",
+                    "&lt;img src=x onerror=alert(1)&gt;", "&#34;&gt;&lt;svg onload=alert(2)&gt;"):
+        assert escaped in detail, escaped
     workbench = client.get("/").get_data(as_text=True)
     assert 'value="&#34;&gt;&lt;svg onload=alert(2)&gt;"' in workbench
     # The JSON twin has the raw text (JSON is not HTML; the page scripts use textContent).

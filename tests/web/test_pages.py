@@ -101,6 +101,9 @@ def test_job_page_grid_failures_first_and_views_on_their_own_pages(client):
         ("predicted", "pred", predicted["label"]), ("true", "true", wrong)]
     assert len(re.findall(r'class="layer overlay map-image grid-overlay"',
                           between(grid, 'id="cell-0-1"', "</td>"))) == 1
+    # Partial occlusion maps three classes; the cell shows the first and says how many more.
+    assert re.search(r'class="cell-more" title="In the detail: \w+, \w+">\+2<',
+                     between(grid, 'id="cell-0-2"', "</td>"))
     # Every picture has its size before it loads; the first rows load at once, later lazily.
     for tag in re.findall(r"<img [^>]*>", html):
         assert 'width="32" height="32"' in tag and 'loading="eager"' in tag, tag
@@ -145,6 +148,7 @@ def test_job_page_grid_failures_first_and_views_on_their_own_pages(client):
     method = client.get(f"{page}/views/compare-method-0?fragment=1").get_data(as_text=True)
     assert method.count('class="compare-item"') == 3                 # 2 + 1 maps
     for bad in ("detail-2-0", "detail-0-3", "compare-image-9", "compare-method-3", "nope",
+                "detail-01-0",
                 "detail-0-0-0", "..%2F..%2Fetc"):
         response = client.get(f"{page}/views/{bad}")
         assert response.status_code == 404 and b"E_NOT_FOUND" in response.data, bad
