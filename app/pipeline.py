@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 PREDICTED = "predicted"
 # Bumped when a stored prediction (its record, the model view or the probabilities) changes.
 PREDICTION_VERSION = 1
+PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")
+PANEL_FIELDS = {"title", "kind", "signed", "target", "value_range", "metrics", "notes",
+                *PANEL_FILE_FIELDS}
 
 
 # --- what to compute ----------------------------------------------------------------------------
@@ -246,15 +249,14 @@ def panel_record(number: int, panel: "Panel", view: "Image.Image",
         overlay = heatmap = f"{prefix}-image.png"
         files[overlay] = rendered.heatmap_png
     low, high = rendered.value_range
-    return {"title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
+    clash = set(panel.extra) & PANEL_FIELDS
+    assert not clash, f"a panel's extra fields may not replace {sorted(clash)}"
+    return {**panel.extra, "title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
             "target": panel.target.to_dict() if panel.target is not None else None,
             "value_range": [float(low), float(high)],
             "metrics": {name: float(value) for name, value in panel.metrics.items()},
             "notes": list(panel.notes),
             "overlay": overlay, "heatmap": heatmap, "array": f"{prefix}-values.npy"}
-
-
-PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")
 
 
 def write_panel_set(panel_set: PanelSet, root: Path, prefix: str) -> list[dict[str, Any]]:

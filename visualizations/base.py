@@ -210,6 +210,9 @@ class Panel:
     # error) and plain-language caveats shown beside it (e.g. "only partly guided").
     metrics: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # Method-specific facts that belong in the panel record itself, JSON values only (e.g. the
+    # adversarial method's "epsilon" and "new_class").
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def value_range(self) -> tuple[float, float]:

@@ -28,9 +28,9 @@ BATCHED = {"integrated_gradients": {"steps": 16}, "occlusion": {"window": 4, "st
            "partial_occlusion": {"positions": 6}, "saliency": {"smoothgrad_samples": 12}}
 
 
-def test_registry_holds_exactly_the_seven_methods() -> None:
+def test_registry_holds_exactly_the_eight_methods() -> None:
     assert METHODS == ["saliency", "integrated_gradients", "occlusion", "partial_occlusion",
-                       "cam", "grad_cam", "guided_grad_cam"]
+                       "cam", "grad_cam", "guided_grad_cam", "adversarial"]
 
 
 @pytest.mark.parametrize("name", METHODS)
