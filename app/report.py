@@ -215,7 +215,7 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     (out_dir / slug).mkdir(parents=True, exist_ok=True)
     (out_dir / slug / "model-view.png").write_bytes(view_png)
     record: dict[str, Any] = {"file": str(path), "predictions": prediction.top,
-                              "visualizations": []}
+                              "uncertainty": prediction.uncertainty, "visualizations": []}
     page: dict[str, Any] = {"file": path.name, "view": _data_uri(view_png),
                             "predictions": prediction.top, "methods": []}
     for request in requests:

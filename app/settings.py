@@ -58,6 +58,10 @@ class Settings:
     max_request_mb: float = field(default=64.0, metadata={
         "help": "largest request body in MiB (413 above)", "min": 0.001})
     top_k: int = field(default=5, metadata={"help": "predictions listed per image", "min": 1})
+    uncertainty: bool = field(default=True, metadata={
+        "help": "compute how far to believe each prediction (test-time augmentation, MC "
+                "dropout, entropy, an out-of-distribution hint): about 16 extra forward passes "
+                "per image, in two small batches"})
     batch_size: int | None = field(default=None, metadata={
         "help": "perturbation/step batch size for the methods (default: each method decides)",
         "min": 1})

@@ -62,6 +62,7 @@ class ImageOutcome:
     predictions: list[dict[str, Any]]
     true_label: dict[str, Any] | None
     failure: bool
+    uncertainty: dict[str, Any] | None = None
 
 
 def process_token() -> str:

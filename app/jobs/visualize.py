@@ -111,11 +111,13 @@ class VisualizeRun:
     def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, Any]:
         results = self.services.results
         top_k = self.services.settings.top_k
-        key = prediction_key(image_id, self.spec.model, top_k)
+        with_uncertainty = self.services.settings.uncertainty
+        key = prediction_key(image_id, self.spec.model, top_k, with_uncertainty)
         stored = results.get(key)
         if stored is None:
             model = self.model()
-            inputs = predict(model, self.services.images.open(image_id), top_k)
+            inputs = predict(model, self.services.images.open(image_id), top_k,
+                             with_uncertainty=with_uncertainty)
             stored = results.put(key, {**inputs.record(), "image": image_id,
                                        "checkpoint_sha256": self.spec.checkpoint_sha256},
                                  inputs.files())
@@ -131,7 +133,8 @@ class VisualizeRun:
             true_label = {"index": true_index, "label": self._meta().class_names[true_index],
                           "probability": float(inputs.probabilities[true_index])}
         outcome = ImageOutcome(key, predicted, list(stored.record["predictions"]), true_label,
-                               failure=true_index is not None and true_index != predicted)
+                               failure=true_index is not None and true_index != predicted,
+                               uncertainty=stored.record.get("uncertainty"))
         with self.job.lock:
             self.job.images[image_index] = outcome
         self.services.jobs.save(self.job)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLASS_NAMES = ("red", "green", "blue")
 
 MODEL_KEYS = {"file", "architecture", "num_classes", "sha256"}
-IMAGE_KEYS = {"file", "predictions", "visualizations"}
+IMAGE_KEYS = {"file", "predictions", "uncertainty", "visualizations"}
 PREDICTION_KEYS = {"index", "label", "probability"}
 VISUALIZATION_KEYS = {"method", "params", "elapsed_ms", "panels"}
 # The one panel record of app.pipeline, the same as the server's (issue 3's fields plus kind,
