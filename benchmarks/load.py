@@ -104,8 +104,12 @@ class GunicornServer:
 
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None = None,
-                    ready_timeout: float = 90.0) -> Iterator[GunicornServer]:
-    """Start gunicorn (demo model unless env names a checkpoint dir) and stop it afterwards."""
+                    ready_timeout: float = 90.0,
+                    extra_args: list[str] | None = None) -> Iterator[GunicornServer]:
+    """Start gunicorn (demo model unless env names a checkpoint dir) and stop it afterwards.
+
+    ``extra_args`` go after ``--config gunicorn.conf.py`` (command-line settings win), e.g. to
+    compare another worker class with the shipped one."""
     with contextlib.ExitStack() as stack:
         port = free_port()
         if data_dir is None:
@@ -122,7 +126,8 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
                    os.environ.get("CONVSCOPE_TORCH_THREADS", "1"), **(env or {})}
         log_file = stack.enter_context(open(log_path, "wb"))
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")],
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
+             *(extra_args or [])],
             cwd=ROOT, env=environ, stdout=log_file, stderr=subprocess.STDOUT)
         server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
         try:
