@@ -48,6 +48,22 @@ def debug_refusal(debug: bool, host: str) -> str | None:
     return None
 
 
+def _request_handler() -> type:
+    """werkzeug's request handler without its ``Server: Werkzeug/x Python/y`` banner (versions
+    help an attacker pick an exploit; nothing legitimate needs them)."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    class QuietRequestHandler(WSGIRequestHandler):
+        def version_string(self) -> str:
+            return "convscope"
+
+        @property
+        def server_version(self) -> str:  # type: ignore[override]  # werkzeug: a property
+            return "convscope"
+
+    return QuietRequestHandler
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from app import create_app
     from app.decode_budget import return_large_frees_to_the_os
@@ -83,7 +99,7 @@ def serve_command(args: argparse.Namespace) -> int:
     log.info("convscope is serving on http://%s:%d/", url_host, args.port)
     try:
         app.run(host=args.host, port=args.port, threaded=True, debug=settings.debug,
-                use_reloader=False)
+                use_reloader=False, request_handler=_request_handler())
     except KeyboardInterrupt:
         pass
     except OSError as error:
