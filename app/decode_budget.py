@@ -4,14 +4,15 @@ A 143 KB PNG can claim 49 megapixels, which Pillow decodes into about 200 MB; ei
 once would add gigabytes. Each decode first reserves its estimated size here and waits while
 others hold the budget; past ``wait_s`` the upload is refused with 503 ``E_BUSY`` and a
 ``Retry-After``, so memory stays bounded instead of swapping. An image larger than the whole
-budget still decodes, alone.
+budget still decodes, alone. After a large decode, the freed memory is handed back to the
+system (glibc's ``malloc_trim``), or the request threads' allocator arenas would keep it.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from app.errors import Busy
 
@@ -50,24 +51,28 @@ class DecodeBudget:
             with self._condition:
                 self._used -= cost
                 self._condition.notify_all()
+            if cost >= TRIM_AFTER_BYTES:
+                release_free_memory()
 
 
-# glibc's M_MMAP_THRESHOLD (malloc.h). Blocks at least this large are mapped on their own and
-# unmapped when freed. By default glibc raises the threshold (up to 32 MB) after each such free,
-# so Pillow's 16 MB image blocks soon come from the per-thread heaps instead, which keep what
-# was freed: eight request threads that each decoded a 49-megapixel image once held 1.3 GB.
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+# glibc keeps memory freed by a thread in that thread's arena for its next allocations, and
+# after the first large free it serves Pillow's 16 MB image blocks from those arenas too: eight
+# request threads that each decoded a 49-megapixel image once held 1.3 GB. A decode this large
+# or larger gives its freed memory back to the system when it ends.
+TRIM_AFTER_BYTES = 32 * 1024 * 1024
 
 
-def return_large_frees_to_the_os() -> bool:
-    """Fix glibc's mmap threshold (process-wide), so freed image buffers leave the process.
-    False where the C library is not glibc (nothing to do there)."""
+def _load_malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or a no-op where the C library has none."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        return False
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+release_free_memory = _load_malloc_trim()

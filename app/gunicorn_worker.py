@@ -11,9 +11,6 @@ headers, nor how many connections one worker holds. This adds both:
 - Past ``worker_connections`` open connections, a new one gets 503 and is closed at once, so a
   flood cannot exhaust the process's file descriptors (per-client limits are the proxy's job).
 
-It also fixes glibc's mmap threshold in the worker, so the buffers of large image decodes are
-returned to the system when freed (see app/decode_budget.py).
-
 The request body and the response are the WSGI bridge's business (app/asgi.py). The worker
 imports nothing that loads torch or Flask: the app factory still runs after the fork, in each
 worker.
@@ -26,8 +23,6 @@ from typing import Any
 
 from gunicorn.asgi import protocol as asgi_protocol
 from gunicorn.workers import gasgi
-
-from app.decode_budget import return_large_frees_to_the_os
 
 READ_TIMEOUT_ENV = "CONVSCOPE_READ_TIMEOUT"
 DEFAULT_READ_TIMEOUT_S = 20.0
@@ -94,7 +89,6 @@ class ConvscopeWorker(gasgi.ASGIWorker):
 
     def init_process(self) -> None:
         _raise_open_file_limit()
-        return_large_frees_to_the_os()
         # gunicorn's worker builds its servers with the protocol class its module names.
         gasgi.ASGIProtocol = DeadlineProtocol
         super().init_process()

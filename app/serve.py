@@ -66,10 +66,8 @@ def _request_handler() -> type:
 
 def serve_command(args: argparse.Namespace) -> int:
     from app import create_app
-    from app.decode_budget import return_large_frees_to_the_os
     from app.settings import load_settings
 
-    return_large_frees_to_the_os()      # as gunicorn's workers do: decoded images leave memory
 
     overrides = settings_from_args(args)
     try:

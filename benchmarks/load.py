@@ -29,6 +29,7 @@ import io
 import math
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -470,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     parser.add_argument("--checkpoint-dir", default=None, help="default: the bundled demo")
     parser.add_argument("--server-log", default=None, help="copy gunicorn's log here")
+    parser.add_argument("--gunicorn-args", default="",
+                        help="extra gunicorn arguments after the config file, e.g. to compare "
+                             "\"--worker-class gthread --threads 8 app:create_app()\"")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.duration = 4, 15.0
@@ -479,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         mix = [(name, {}, 1) for name in args.methods.split(",")]
     env = {"CONVSCOPE_CHECKPOINT_DIR": args.checkpoint_dir} if args.checkpoint_dir else {}
     started = time.monotonic()
-    with gunicorn_server(env) as server:
+    with gunicorn_server(env, extra_args=shlex.split(args.gunicorn_args)) as server:
         print(f"gunicorn ready at {server.base_url} in {time.monotonic() - started:.1f} s "
               f"(master {server.master_pid}, workers {server.worker_pids()})", flush=True)
         summary = run_load(server, clients=args.clients, duration=args.duration, warmup=warmup,

@@ -246,3 +246,13 @@ def test_healthcheck_fails_when_nothing_listens(healthcheck, monkeypatch):
     assert healthcheck.main() == 1
 
 
+
+
+def test_every_variable_the_deployment_reads_is_documented():
+    read = set(re.findall(r"CONVSCOPE_[A-Z_]+", CONF.read_text()))
+    read |= set(re.findall(r"CONVSCOPE_[A-Z_]+", (ROOT / "app" / "asgi.py").read_text()))
+    read |= set(re.findall(r"CONVSCOPE_[A-Z_]+", (ROOT / "app" / "gunicorn_worker.py").read_text()))
+    for document in (ROOT / "docs" / "deploying.md", ROOT / "README.md"):
+        text = document.read_text()
+        missing = sorted(name for name in read if f"`{name}`" not in text)
+        assert not missing, f"{document.name} lacks {missing}"
