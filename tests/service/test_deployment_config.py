@@ -256,3 +256,20 @@ def test_every_variable_the_deployment_reads_is_documented():
         text = document.read_text()
         missing = sorted(name for name in read if f"`{name}`" not in text)
         assert not missing, f"{document.name} lacks {missing}"
+
+
+def test_the_master_loads_no_torch_flask_or_app_code():
+    """gunicorn imports the worker class and reads the config in the master: neither may pull
+    in torch (CUDA would initialize before the fork) or build the app."""
+    import subprocess
+    import sys
+
+    script = ("import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+              "import app.gunicorn_worker, app.asgi; "
+              "print(sorted(m for m in ('torch', 'flask', 'app.factory', 'PIL') "
+              "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                        "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert result.stdout.strip() == "[]", result.stdout
