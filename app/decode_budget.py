@@ -76,22 +76,3 @@ def _load_malloc_trim() -> Callable[[], None]:
 
 
 release_free_memory = _load_malloc_trim()
-
-# glibc's M_ARENA_MAX (malloc.h): how many allocator arenas threads may spread over.
-_M_ARENA_MAX = -8
-
-
-def limit_allocator_arenas(arenas: int = 2) -> bool:
-    """Let all threads of this process share at most ``arenas`` glibc arenas (call it before
-    starting threads). An asyncio worker has more threads than it has concurrent allocations
-    (loop, application and probe threads, the executor): each arena keeps its own freed memory,
-    and with one per thread the heap floor rose by 130 MB in a 2-minute load test where it
-    stayed flat with two. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False

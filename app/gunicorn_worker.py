@@ -24,8 +24,6 @@ from typing import Any
 from gunicorn.asgi import protocol as asgi_protocol
 from gunicorn.workers import gasgi
 
-from app.decode_budget import limit_allocator_arenas
-
 READ_TIMEOUT_ENV = "CONVSCOPE_READ_TIMEOUT"
 DEFAULT_READ_TIMEOUT_S = 20.0
 
@@ -91,7 +89,6 @@ class ConvscopeWorker(gasgi.ASGIWorker):
 
     def init_process(self) -> None:
         _raise_open_file_limit()
-        limit_allocator_arenas()     # before any thread starts (see app/decode_budget.py)
         # gunicorn's worker builds its servers with the protocol class its module names.
         gasgi.ASGIProtocol = DeadlineProtocol
         super().init_process()

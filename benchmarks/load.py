@@ -121,7 +121,8 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
         else:
             # A caller's data dir is the app's alone: the log goes beside it.
             log_path = data_dir.parent / f"gunicorn-{port}.log"
-        environ = {**os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
+        # MALLOC_ARENA_MAX as the image sets it (Dockerfile): glibc reads it at process start.
+        environ = {"MALLOC_ARENA_MAX": "2", **os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
                    "CONVSCOPE_DATA_DIR": str(data_dir), "CONVSCOPE_DEVICE": "cpu",
                    "CONVSCOPE_ACCESS_LOG": "0", "CONVSCOPE_TORCH_THREADS":
                    os.environ.get("CONVSCOPE_TORCH_THREADS", "1"), **(env or {})}

@@ -208,6 +208,7 @@ def test_dockerfile_volumes_and_settings():
     assert env["CONVSCOPE_CHECKPOINT_DIR"] == "/checkpoints"
     assert env["CONVSCOPE_DATA_DIR"] == "/data"
     assert env["CONVSCOPE_BIND"] == "0.0.0.0:8000"   # inside the container; publish on loopback
+    assert env["MALLOC_ARENA_MAX"] == "2"            # a flat heap under load (README)
     assert 'VOLUME ["/data"]' in DOCKERFILE
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"convscope-healthcheck\"\]", DOCKERFILE,
                      flags=re.M)
