@@ -57,6 +57,14 @@ class Settings:
         "help": "image files in one upload request", "min": 1})
     max_request_mb: float = field(default=64.0, metadata={
         "help": "largest request body in MiB (413 above)", "min": 0.001})
+    max_request_megapixels: float = field(default=100.0, metadata={
+        "help": "pixels, as their headers claim, of all the images in one upload request, in "
+                "megapixels (413 E_IMAGE_TOO_LARGE above, before anything is decoded)",
+        "min": 0.001})
+    decode_budget_mb: float = field(default=512.0, metadata={
+        "help": "memory in MiB that the image decodes of one server process may hold at once "
+                "(estimated from each image's header); further uploads wait for it, then get "
+                "503 E_BUSY with Retry-After", "min": 1})
     top_k: int = field(default=5, metadata={"help": "predictions listed per image", "min": 1})
     uncertainty: bool = field(default=True, metadata={
         "help": "compute how far to believe each prediction (test-time augmentation, MC "
@@ -87,7 +95,11 @@ class Settings:
         "help": "a file holding the token (e.g. a Docker secret), instead of "
                 "CONVSCOPE_AUTH_TOKEN"})
     session_hours: float = field(default=12.0, metadata={
-        "help": "a browser login lasts this many hours after the last request", "min": 0.01})
+        "help": "a browser login lasts this many hours after the last request", "min": 0.001})
+    session_max_hours: float = field(default=24.0, metadata={
+        "help": "a browser login ends this many hours after it began, however active "
+                "(absolute lifetime); signing out ends it at once on every worker",
+        "min": 0.001})
     secure_cookies: bool = field(default=False, metadata={
         "help": "send the session cookie only over HTTPS (set it behind a TLS proxy)"})
     allowed_hosts: str = field(default="localhost", metadata={
