@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
+from flask import (Blueprint, Response, current_app, jsonify, redirect, request, send_file,
+                   url_for)
 
 from app.version import __version__
 from app.errors import BadRequest, NotFound, NotReady
@@ -122,12 +123,17 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 @api.get("/jobs/<job_id>")
 def job(job_id: str) -> Response:
     svc = _services()
-    return jsonify(job_view(svc.jobs.get(job_id), svc))
+    found = svc.jobs.get(job_id)
+    if found.kind == "evaluate":        # dataset mode has its own view of its jobs
+        return redirect(url_for("evaluations_api.evaluation", job_id=job_id), code=303)
+    return jsonify(job_view(found, svc))
 
 
 @api.delete("/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
     svc = _services()
+    if svc.jobs.get(job_id).kind == "evaluate":
+        return redirect(url_for("evaluations_api.cancel_evaluation", job_id=job_id), code=307)
     return jsonify(job_view(svc.executor.cancel(job_id), svc))
 
 
