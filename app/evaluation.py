@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from app.datasets import DatasetFile, LabelledDataset, Skipped, read_dataset_file
-from app.errors import ConvscopeError, ImageCorrupt
+from app.errors import ConvscopeError, DatasetEmpty, ImageCorrupt
 from app.evaluation_metrics import ImageRecords, image_record, summarize
 from app.ingest import DEFAULT_MAX_BYTES, decode_image
 from app.stores import result_key
@@ -229,6 +229,11 @@ class Evaluation:
         self.skipped = [entry for _, skipped in parts for entry in skipped]
         self.skipped += self.dataset.scan.skipped
         self.skipped.sort(key=lambda entry: entry.file)
+        if not len(self.records):
+            first = self.skipped[0] if self.skipped else None
+            detail = f" (first: {first.file}: {first.code})" if first else ""
+            raise DatasetEmpty(f"None of the dataset's {self.total} files is a readable "
+                               f"image{detail}.", fields={"dataset": self.dataset.scan.name})
 
     def _read(self, missing: list[int]) -> Iterator[None]:
         model = self._load_model()

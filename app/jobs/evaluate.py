@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 from app.dataset_catalog import DatasetCatalog
 from app.datasets import match_labels
-from app.errors import Cancelled, DatasetEmpty, UnknownModel
+from app.errors import Cancelled, UnknownModel
 from app.evaluation import Evaluation, summary_of
 from app.evaluation_store import StoreChunkCache, store_outcome
 from app.jobs.record import Job, cancel_reason_text
@@ -125,11 +125,6 @@ class EvaluateRun:
             steps.close()
         records = evaluation.records
         assert records is not None
-        if not len(records):
-            first = evaluation.skipped[0] if evaluation.skipped else None
-            detail = f" (first: {first.file}: {first.code})" if first else ""
-            raise DatasetEmpty(f"None of the dataset's {len(labelled.files)} files is a "
-                               f"readable image{detail}.", fields={"dataset": scan.name})
         store_outcome(results, evaluation.key, summary_of(evaluation, meta), records,
                       meta.class_names)
         with self.job.lock:
