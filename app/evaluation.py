@@ -334,7 +334,8 @@ def model_record(meta: Any) -> dict[str, Any]:
 def dataset_record(dataset: LabelledDataset, records: ImageRecords,
                    class_names: Sequence[str]) -> dict[str, Any]:
     scan = dataset.scan
-    return {"name": scan.name, "path": str(scan.root), "layout": scan.layout,
+    # "path": the name here, never where the server keeps it; the CLI puts the path it was given.
+    return {"name": scan.name, "path": scan.name, "layout": scan.layout,
             "images": len(records), "files": len(scan.files) + len(scan.skipped),
             "classes": [class_names[index] for index in dataset.classes]}
 

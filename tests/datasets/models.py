@@ -92,3 +92,15 @@ def write_dataset_with_mistakes(root: Path, seed: int = 1, per_class: int = 8) -
         for name, pixels in images.items():
             Image.fromarray(pixels).save(folder / f"{name}.png")
     return root
+
+
+class SlowColourNet(ColourNet):
+    """ColourNet that takes a while per batch, so an evaluation can be cancelled mid-run."""
+
+    SECONDS_PER_FORWARD = 0.2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.SECONDS_PER_FORWARD)
+        return super().forward(x)
