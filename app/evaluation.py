@@ -35,6 +35,7 @@ from app.errors import ConvscopeError, DatasetEmpty, ImageCorrupt
 from app.evaluation_metrics import ImageRecords, image_record, summarize
 from app.ingest import DEFAULT_MAX_BYTES, decode_image
 from app.stores import result_key
+from visualizations.common import as_model_input, prepare_model
 
 if TYPE_CHECKING:
     import torch
@@ -237,6 +238,8 @@ class Evaluation:
 
     def _read(self, missing: list[int]) -> Iterator[None]:
         model = self._load_model()
+        with model.lock:
+            prepare_model(model)    # channels-last: 1.4-1.9x faster forward passes on CPU
         root = self.dataset.scan.root
         pending = {number: _Pending(self.chunks[number], self.k) for number in missing}
         items = ((number, position) for number in missing
@@ -273,7 +276,7 @@ class Evaluation:
                    batch: list[tuple[int, int, Any]], batch_size: int) -> int:
         """Predict one batch, record it, and return the next batch's size."""
         started = time.perf_counter()
-        tensor = model.to_tensor([view for _, _, view in batch])
+        tensor = as_model_input(model.to_tensor([view for _, _, view in batch]))
         probabilities = model.predict(tensor)
         top = self._top(probabilities)
         positions = [position for _, position, _ in batch]
