@@ -78,8 +78,10 @@ class DatasetCatalog:
     def scan(self, entry: DatasetEntry, *, with_stats: bool = True) -> DatasetScan:
         return scan_dataset(entry.path, max_images=self.max_images, with_stats=with_stats)
 
-    def summary(self, entry: DatasetEntry) -> dict[str, Any]:
-        """``{"id", "name", "images", "classes", "layout", "skipped", "error"}`` for listings."""
+    def summary(self, entry: DatasetEntry, meta: "ModelMeta | None" = None) -> dict[str, Any]:
+        """``{"id", "name", "images", "classes", "layout", "skipped", "error"}`` for listings
+        (one scan, without stats), and with a model's ``meta`` its ``problem``: why the
+        dataset cannot be evaluated with that model, or None."""
         record: dict[str, Any] = {"id": entry.id, "name": entry.name, "images": 0,
                                   "classes": [], "layout": None, "skipped": 0, "error": None}
         try:
@@ -89,6 +91,8 @@ class DatasetCatalog:
             return record
         record.update(images=len(scan.files), classes=list(scan.labels), layout=scan.layout,
                       skipped=len(scan.skipped))
+        if meta is not None:
+            record["problem"] = labels_problem(scan, meta)
         return record
 
 

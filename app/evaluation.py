@@ -120,11 +120,15 @@ def _decode_or_error(model: "LoadedModel", root: Any, file: DatasetFile) -> Any:
         return ImageCorrupt("The image could not be decoded.")
 
 
-def default_workers() -> int:
-    """Decoding threads: the cores torch leaves free, at least 2 (one may wait on disk)."""
+def default_workers(device_type: str = "cpu") -> int:
+    """Decoding threads: on a GPU up to 8 cores (the GPU must never wait on JPEG decoding); on
+    the CPU the cores torch leaves free, at least 2 (one may wait on the disk)."""
     import torch
 
-    return max(2, min(8, (os.cpu_count() or 2) - torch.get_num_threads()))
+    cores = os.cpu_count() or 2
+    if device_type == "cuda":
+        return max(2, min(8, cores))
+    return max(2, min(8, cores - torch.get_num_threads()))
 
 
 class Prefetcher:
@@ -247,7 +251,8 @@ class Evaluation:
         batch_size = self._fixed_batch or (64 if model.device.type == "cuda" else 8)
         prefetcher = Prefetcher(
             items, lambda item: _decode_or_error(model, root, self.dataset.files[item[1]]),
-            workers=self._workers or default_workers(), depth=2 * max(batch_size, 32))
+            workers=self._workers or default_workers(model.device.type),
+            depth=2 * max(batch_size, 32))
         try:
             batch: list[tuple[int, int, Any]] = []
             for (number, position), outcome in prefetcher:

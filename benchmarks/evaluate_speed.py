@@ -20,7 +20,6 @@ CPU hurts all alike. Also prints the time 10,000 images take at the engine's rat
 """
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
 import time
@@ -118,7 +117,7 @@ def main() -> None:
                              for path in paths])
         from app.evaluation import default_workers
 
-        print(f"# decoding threads={default_workers()}; {len(paths)} JPEGs, "
+        print(f"# decoding threads={default_workers(parser_args.device.split(':')[0])}; {len(paths)} JPEGs, "
               f"{sum(path.stat().st_size for path in paths) / len(paths) / 1024:.0f} KB each")
         bound = engine = 0.0
         command = float("inf")

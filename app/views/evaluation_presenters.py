@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from flask import url_for
 
-from app.dataset_catalog import DatasetCatalog, labels_problem
-from app.errors import ConvscopeError
+from app.dataset_catalog import DatasetCatalog
 from app.evaluation_display import (cell_members, matrix_view, parse_cell, reliability_diagram,
                                     sorted_classes)
 from app.evaluation_metrics import image_record
@@ -31,16 +30,7 @@ def dataset_listing(services: "Services", meta: Any = None) -> list[dict[str, An
     """``GET /api/v1/datasets``: each dataset's id, name, image count and classes; with a model's
     ``meta``, also why it cannot be evaluated with that model (``problem``)."""
     datasets = DatasetCatalog.from_settings(services.settings)
-    listed = []
-    for entry in datasets.entries():
-        record = datasets.summary(entry)
-        if meta is not None and record["error"] is None:
-            try:
-                record["problem"] = labels_problem(datasets.scan(entry, with_stats=False), meta)
-            except ConvscopeError as error:
-                record["problem"] = {"code": error.code, "message": error.message}
-        listed.append(record)
-    return listed
+    return [datasets.summary(entry, meta) for entry in datasets.entries()]
 
 
 def evaluation_view(job: "Job", services: "Services", *, images: bool = True) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 import app.evaluation as evaluation_module

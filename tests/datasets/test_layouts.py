@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main
 from app.datasets import CSV, FOLDERS, match_labels, read_dataset_file, scan_dataset
 from app.errors import ConvscopeError
 from tests.datasets.models import CLASS_NAMES
