@@ -117,8 +117,9 @@ def main() -> None:
                              for path in paths])
         from app.evaluation import default_workers
 
-        print(f"# decoding threads={default_workers(parser_args.device.split(':')[0])}; {len(paths)} JPEGs, "
-              f"{sum(path.stat().st_size for path in paths) / len(paths) / 1024:.0f} KB each")
+        workers = default_workers(parser_args.device.split(":")[0])
+        size_kb = sum(path.stat().st_size for path in paths) / len(paths) / 1024
+        print(f"# decoding threads={workers}; {len(paths)} JPEGs, {size_kb:.0f} KB each")
         bound = engine = 0.0
         command = float("inf")
         for round_number in range(parser_args.repeats + 1):
