@@ -224,7 +224,7 @@ def render_report(document: dict[str, Any], summary: dict[str, Any], records: Im
                          "count": cell["count"], "images": images(members[:CELL_IMAGES])})
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT / "templates")),
                                      autoescape=True, undefined=jinja2.StrictUndefined)
-    template = environment.get_template("evaluation_report.html")
+    template = environment.get_template("evaluation/report.html")
     return template.render(
         evaluation=document, matrix=matrix, cells=sections,
         classes=sorted_classes(summary["classes"]),

@@ -62,6 +62,19 @@ def test_the_forms_run_an_evaluation_and_explain_it(client) -> None:
     assert forged.status_code == 403
 
 
+def test_the_pages_carry_the_policy_and_no_inline_code(client) -> None:
+    evaluation_id = start_from_the_form(client)
+    wait_evaluation(client, evaluation_id)
+    for path in ("/datasets", f"/evaluations/{evaluation_id}",
+                 f"/evaluations/{evaluation_id}?cell=0:0", "/evaluations/" + "0" * 32):
+        response = client.get(path)
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"], path
+        html = response.data.decode()
+        assert "style=" not in html and "<style" not in html, path
+        assert all('src="' in tag for tag in re.findall(r"<script[^>]*>", html)), path
+        assert " on" + "click=" not in html, path
+
+
 def test_the_per_class_table_sorts(client) -> None:
     evaluation_id = start_from_the_form(client)
     view = wait_evaluation(client, evaluation_id)
