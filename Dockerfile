@@ -64,7 +64,7 @@ RUN pip install --no-deps -e . \
 # matplotlib's font cache is built here, not on the first request of every new container.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/convscope --create-home \
         --shell /usr/sbin/nologin convscope \
-    && mkdir -p /checkpoints /data /var/cache/matplotlib \
+    && mkdir -p /checkpoints /datasets /data /var/cache/matplotlib \
     && MPLCONFIGDIR=/var/cache/matplotlib python -c "import matplotlib.font_manager" \
     && chown -R convscope:convscope /data /var/cache/matplotlib
 VOLUME ["/data"]
@@ -75,6 +75,7 @@ VOLUME ["/data"]
 ENV CONVSCOPE_ENV=production \
     CONVSCOPE_BIND=0.0.0.0:8000 \
     CONVSCOPE_CHECKPOINT_DIR=/checkpoints \
+    CONVSCOPE_DATASET_DIR=/datasets \
     CONVSCOPE_DATA_DIR=/data \
     CONVSCOPE_DEVICE=auto \
     CONVSCOPE_GRACEFUL_TIMEOUT=30 \

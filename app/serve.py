@@ -27,6 +27,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["checkpoint_dir"] = args.directory
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
+    if getattr(args, "datasets", None):
+        overrides["dataset_dir"] = args.datasets
     return overrides
 
 

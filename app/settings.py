@@ -33,6 +33,12 @@ class Settings:
 
     checkpoint_dir: Path | None = field(default=None, metadata={
         "help": "checkpoint directory to serve (default: the bundled demo)"})
+    dataset_dir: Path | None = field(default=None, metadata={
+        "help": "folder whose subfolders are the labelled datasets offered for evaluation "
+                "(default: the bundled sample set when serving the demo, else none)"})
+    max_dataset_images: int = field(default=100_000, metadata={
+        "help": "most images one dataset evaluation reads (E_DATASET_TOO_LARGE above)",
+        "min": 1})
     data_dir: Path = field(default_factory=default_data_dir, metadata={
         "help": "where uploaded images, results and job records are stored"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -221,6 +227,9 @@ def _validated(settings: Settings) -> Settings:
     if settings.checkpoint_dir is not None and not settings.checkpoint_dir.is_dir():
         raise ConfigInvalid("The checkpoint directory does not exist or is not a directory.",
                             fields={env_name("checkpoint_dir"): "an existing directory"})
+    if settings.dataset_dir is not None and not settings.dataset_dir.is_dir():
+        raise ConfigInvalid("The dataset directory does not exist or is not a directory.",
+                            fields={env_name("dataset_dir"): "an existing directory"})
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         probe = settings.data_dir / f".write-test-{secrets.token_hex(4)}"

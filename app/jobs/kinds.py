@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
+from app.jobs.evaluate import EvaluateRun, EvaluateSpec
 from app.jobs.record import Job, Spec
 from app.jobs.spec import JobSpec
 from app.jobs.visualize import VisualizeRun
@@ -33,6 +34,7 @@ class JobKind:
 KINDS: dict[str, JobKind] = {
     kind.name: kind for kind in (
         JobKind("visualize", JobSpec.from_dict, VisualizeRun),
+        JobKind("evaluate", EvaluateSpec.from_dict, EvaluateRun),
     )}
 
 

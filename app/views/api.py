@@ -6,7 +6,8 @@ import json
 import re
 from typing import Any
 
-from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
+from flask import (Blueprint, Response, current_app, jsonify, redirect, request, send_file,
+                   url_for)
 
 from app.errors import BadRequest, NotFound, NotReady, PayloadTooLarge
 from app.services import services
@@ -166,12 +167,17 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 @api.get("/jobs/<job_id>")
 def job(job_id: str) -> Response:
     svc = _services()
-    return jsonify(job_view(svc.jobs.get(job_id), svc))
+    found = svc.jobs.get(job_id)
+    if found.kind == "evaluate":        # dataset mode has its own view of its jobs
+        return redirect(url_for("evaluations_api.evaluation", job_id=job_id), code=303)
+    return jsonify(job_view(found, svc))
 
 
 @api.delete("/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
     svc = _services()
+    if svc.jobs.get(job_id).kind == "evaluate":
+        return redirect(url_for("evaluations_api.cancel_evaluation", job_id=job_id), code=307)
     return jsonify(job_view(svc.executor.cancel(job_id), svc))
 
 

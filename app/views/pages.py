@@ -116,9 +116,12 @@ def _ordered_results(view: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pages.get("/jobs/<job_id>")
-def job(job_id: str) -> str:
+def job(job_id: str) -> str | Response:
     svc = _services()
-    view = job_view(svc.jobs.get(job_id), svc)
+    found = svc.jobs.get(job_id)
+    if found.kind == "evaluate":        # dataset mode has its own page for its jobs
+        return redirect(url_for("evaluations.evaluation", job_id=job_id), code=303)
+    view = job_view(found, svc)
     return render_template("pages/job.html", job=view, results=_ordered_results(view),
                            finished=view["status"] in TERMINAL)
 
