@@ -170,8 +170,8 @@ def test_checkpoint_option_picks_a_file(tmp_path: Path, images: list[Path],
 
 
 @pytest.mark.parametrize(("arguments", "code", "must_mention"), [
-    (["--method", "integrated_gradients", "--param", "integrated_gradients.steps=999"],
-     "E_BAD_PARAMETER", ["steps", "[4, 256]"]),
+    (["--method", "integrated_gradients", "--param", "integrated_gradients.steps=9999"],
+     "E_BAD_PARAMETER", ["steps", "[4, 1024]"]),
     (["--method", "occlusion", "--param", "occlusion.fill=purple"],
      "E_BAD_PARAMETER", ["fill", "mean, black, gray, blur"]),
     (["--method", "occlusion", "--param", "occlusion.window=99"],
