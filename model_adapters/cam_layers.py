@@ -210,11 +210,13 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     ``meta`` device is probed on ``meta`` too (shapes only, no arithmetic), which is how the
     tests cover every torchvision architecture cheaply.
     """
+    first = next(module.parameters(), None)
     if device is None:
-        first = next(module.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
+    # A float64 (or half) model gets a probe of its own floating-point type.
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     height, width = input_size
-    probe = torch.zeros(1, channels, height, width, device=device)
+    probe = torch.zeros(1, channels, height, width, device=device, dtype=dtype)
 
     if isinstance(module, torch.jit.ScriptModule):
         with torch.no_grad():

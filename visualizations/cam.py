@@ -57,6 +57,8 @@ class ClassActivationMap(LayerVisualization):
                    "layer. Signed: the map's mean (plus the bias) is the class score.")
     reference = "https://arxiv.org/abs/1512.04150"
     Params = CamParams
+    # Version 2: the default layer is the tensor the head pools; other layers are refused.
+    version = 2
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: CamParams, context: RunContext) -> Attribution:

@@ -91,6 +91,8 @@ class GradCamMap(LayerVisualization):
                    "maps weighted by the average gradient of the score, upsampled to the image.")
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GradCamParams
+    # Version 2: the default layer is the tensor the head pools (after its activation).
+    version = 2
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: GradCamParams, context: RunContext) -> Attribution:

@@ -43,6 +43,9 @@ class GuidedGradCamMap(LayerVisualization):
                    "pixel-sharp detail of what raises the class score.")
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GuidedGradCamParams
+    # Version 2: Springenberg's rule max(f', 0) * max(g, 0) at every activation; pooled-tensor
+    # default layer; partly-guided note.
+    version = 2
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return 2

@@ -120,6 +120,8 @@ class PartialOcclusionMap(Visualization):
                    "image takes the class away.")
     reference = "https://arxiv.org/abs/1311.2901"
     Params = PartialOcclusionParams
+    # Version 2: settings whose windows leave pixels unhidden are refused.
+    version = 2
 
     def resolve(self, params: Any, meta: "ModelMeta") -> PartialOcclusionParams:
         check_coverage(params, meta.input_size)
