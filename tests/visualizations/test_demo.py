@@ -92,3 +92,12 @@ def test_the_demo_models_relu6_is_guided(demo_model) -> None:
     (plain,) = torch.autograd.grad(demo_model.module(leaf)[:, 285].sum(), leaf)
     assert torch.isfinite(ours).all()
     assert (ours.sign() != plain.sign()).float().mean() > 0.05
+
+
+def test_the_demo_model_is_fully_guided(demo_model) -> None:
+    """Every activation of EfficientNet-Lite0 is a module (its one ReLU6, reused): no panel
+    note. (Its squeeze-excitation gates, sigmoids, are no activations of the feature path.)"""
+    from visualizations.guided_backprop import guided_backprop
+
+    result = guided_backprop(demo_model.module, torch.randn(1, 3, 224, 224), target=285)
+    assert result.unguided_calls == {} and result.note is None

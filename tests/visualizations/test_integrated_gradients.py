@@ -93,7 +93,7 @@ def test_steps_run_in_bounded_batches(batch_size: int | None) -> None:
 
 def test_the_defaults_are_the_measured_choice() -> None:
     defaults = IG.parse_params({})
-    assert defaults.baseline == "mean"       # pointing game: see README and the module docstring
+    assert defaults.baseline == "blurred"    # pointing game: see README and the module docstring
     assert defaults.steps == 256             # completeness < 5 % on the demo photos (below)
     assert IG.cost(defaults, wrap(TinyCnn()).meta) <= 5000   # CONVSCOPE_MAX_COST's default
 
@@ -104,10 +104,10 @@ def demo_model() -> LoadedModel:
     return catalog.load(catalog.get("latest").id)
 
 
-# The photos whose integrals converged slowest in the measurements (README); the others are
-# further below 5 %. A couple of seconds each on one CPU thread.
+# The photo whose integral converged slowest in the measurements (README: 3.0 % at 256 steps,
+# 5.6 % at 128); the others are further below 5 %. 258 model evaluations, 30-60 s on this CPU.
 @pytest.mark.slow
-@pytest.mark.parametrize("photo", ["astronaut", "grace_hopper"])
+@pytest.mark.parametrize("photo", ["rocket"])
 def test_the_default_completeness_error_is_under_five_percent_on_the_demo_photos(
         demo_model: LoadedModel, photo: str) -> None:
     batch = demo_model.preprocess([Image.open(demo_directory() / "images" / f"{photo}.jpg")])
