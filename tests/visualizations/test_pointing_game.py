@@ -27,7 +27,7 @@ from visualizations import visualization_registry
 BASELINE_CEILING = 0.25
 # (method, mosaics played, object names played or None for all, minimum hit rate of its
 # defaults). The full game (README, 16 targets): cam and grad_cam 13, guided_grad_cam 12,
-# saliency 14, partial_occlusion 12, occlusion 12, integrated_gradients (see README). The runs
+# saliency 14, partial_occlusion 12, occlusion 12, integrated_gradients 13. The runs
 # here: the cheap methods play everything; partial occlusion two mosaics; occlusion and
 # integrated gradients (226 and 258 model evaluations a map) two targets of the first mosaic,
 # a thin one (the rocket) and a large one (the uniform).
