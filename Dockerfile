@@ -64,18 +64,22 @@ RUN pip install --no-deps -e . \
 # matplotlib's font cache is built here, not on the first request of every new container.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/convscope --create-home \
         --shell /usr/sbin/nologin convscope \
-    && mkdir -p /checkpoints /data /var/cache/matplotlib \
+    && mkdir -p /checkpoints /datasets /data /var/cache/matplotlib \
     && MPLCONFIGDIR=/var/cache/matplotlib python -c "import matplotlib.font_manager" \
     && chown -R convscope:convscope /data /var/cache/matplotlib
 VOLUME ["/data"]
 
 # Production mode: start-up refuses without CONVSCOPE_SECRET_KEY (and refuses debug mode).
+# MALLOC_ARENA_MAX=2: the worker's threads share two glibc arenas; with one per thread the heap
+# floor rose by 130-140 MB in 2-minute load tests, with two it stayed flat (README, Performance).
 ENV CONVSCOPE_ENV=production \
     CONVSCOPE_BIND=0.0.0.0:8000 \
     CONVSCOPE_CHECKPOINT_DIR=/checkpoints \
+    CONVSCOPE_DATASET_DIR=/datasets \
     CONVSCOPE_DATA_DIR=/data \
     CONVSCOPE_DEVICE=auto \
     CONVSCOPE_GRACEFUL_TIMEOUT=30 \
+    MALLOC_ARENA_MAX=2 \
     MPLCONFIGDIR=/var/cache/matplotlib \
     HOME=/var/lib/convscope
 

@@ -1,22 +1,33 @@
 """gunicorn settings for the convscope team service.
 
-    gunicorn -c gunicorn.conf.py            # serves 'app:create_app()'
+    gunicorn -c gunicorn.conf.py            # serves 'app.asgi:create_asgi_app()'
 
 Why these choices:
 
-- ``gthread`` workers: a sync worker that is busy past ``timeout`` is killed mid-request. HTTP
-  threads here only validate, enqueue and render; the model runs in each worker's executor thread.
+- An asyncio worker (``app.gunicorn_worker.ConvscopeWorker``: gunicorn's own ASGI worker plus
+  a header deadline and a connection cap), not ``gthread``. The threaded worker gives each
+  connection a thread while it reads the request: eight clients trickling headers, or sending
+  less body than they announced, took the service offline. Here the event loop waits on
+  clients; the Flask app runs behind a WSGI bridge (app/asgi.py) that buffers each request body
+  before calling it and hands its response back piece by piece, so the HTTP threads
+  (``CONVSCOPE_THREADS``) only ever run application code. Health and readiness have threads of
+  their own.
+- Slow or silent clients are dropped: request headers must be complete within
+  ``CONVSCOPE_READ_TIMEOUT`` (20 s) of connecting, a body may not pause that long (nor trickle
+  slower than 32 KiB/s after it), and a client that reads nothing of its response for that long
+  is dropped too. Idle keep-alive connections close after ``CONVSCOPE_KEEPALIVE`` (5 s).
 - One worker per device: each worker owns one executor and one device, so two workers would load
   the model twice and fight over one GPU. With several GPUs, worker *k* gets ``cuda:k``.
 - No ``preload_app``: the app factory (and so torch/CUDA) runs in each worker after the fork,
   never in the master. The master counts GPUs from ``CUDA_VISIBLE_DEVICES`` or
-  ``/proc/driver/nvidia/gpus`` without importing torch.
+  ``/proc/driver/nvidia/gpus`` without importing torch; the worker class imports only gunicorn.
 - ``graceful_timeout`` matches the container's stop grace (``docker run --stop-timeout``, set it a
   few seconds longer): on SIGTERM a worker stops accepting, finishes in-flight requests, then the
   ``worker_exit`` hook cancels queued and running jobs with a recorded status.
 - Logs (access, gunicorn and application) go to stdout, for ``docker logs``/journald.
-- After a 413 the rest of the oversized body is read and discarded (bounded), so a client still
-  uploading can finish and read the error page instead of meeting a connection reset.
+- A body over ``CONVSCOPE_MAX_REQUEST_MB`` is refused with the app's own 413 before it is read;
+  the rest of it is then read and discarded (bounded by ``CONVSCOPE_DRAIN_MAX_MB`` and 15 s), so
+  a client still uploading can finish and read the error instead of meeting a connection reset.
 
 Every value can be overridden by the environment variables named below (``CONVSCOPE_*``).
 """
@@ -24,9 +35,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import itertools
-import logging
 import os
-import time
 from typing import Any, Mapping
 
 
@@ -92,56 +101,45 @@ def first_free_slot(used: set[int]) -> int:
     return next(slot for slot in itertools.count() if slot not in used)
 
 
-def discard_unread_body(req: Any, *, max_bytes: int, seconds: float) -> bool:
-    """Read and drop what is left of a request body; True when it was all read.
-
-    Bounded by bytes and time (the socket's timeout is set per read), so a slow or endless
-    upload cannot hold an HTTP thread for long; past the bounds the connection just closes."""
-    body = getattr(req, "body", None)
-    sock = getattr(getattr(req, "unreader", None), "sock", None)
-    if body is None:
-        return True
-    prior_timeout = sock.gettimeout() if sock is not None else None
-    deadline = time.monotonic() + seconds
-    drained = 0
+def _float_env(name: str, default: float, environ: Mapping[str, str] = os.environ) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
     try:
-        while drained <= max_bytes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if sock is not None:
-                sock.settimeout(remaining)
-            data = body.read(64 * 1024)
-            if not data:
-                return True
-            drained += len(data)
-        return False
-    except Exception as error:  # the client went away, a malformed chunk, a timeout: give up
-        logging.getLogger("gunicorn.error").debug("not draining a refused body: %r", error)
-        return False
-    finally:
-        if sock is not None:
-            try:
-                sock.settimeout(prior_timeout)
-            except OSError:
-                pass
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"convscope: {name} must be a number, got {raw[:40]!r}") from None
+    if not 0 < value <= 3600:
+        raise SystemExit(f"convscope: {name} must be between 0 and 3600, got {value:g}")
+    return value
 
 
 _GPU_COUNT = visible_gpu_count()
-_DRAIN_MAX_BYTES = _int_env("CONVSCOPE_DRAIN_MAX_MB", 256) * 1024 * 1024
-_DRAIN_SECONDS = 15.0
+# Checked here, in the master, so a bad value stops start-up; the workers read them again.
+_int_env("CONVSCOPE_DRAIN_MAX_MB", 256)
+_float_env("CONVSCOPE_READ_TIMEOUT", 20.0)
 _LOG_LEVEL = os.environ.get("CONVSCOPE_LOG_LEVEL", "info").upper()
 
-wsgi_app = "app:create_app()"
+wsgi_app = "app.asgi:create_asgi_app()"
 bind = [os.environ.get("CONVSCOPE_BIND", "127.0.0.1:8000")]
-worker_class = "gthread"
+worker_class = "app.gunicorn_worker.ConvscopeWorker"
 workers = default_workers()
-threads = _int_env("CONVSCOPE_THREADS", 8)
+# The bridge's application threads per worker (app/asgi.py), not gunicorn's: the asyncio worker
+# itself has none, so gunicorn's own ``threads`` stays 1.
+_int_env("CONVSCOPE_THREADS", 8)
+threads = 1
+# Open connections per worker; past it new ones get 503 at once (no file-descriptor exhaustion).
+worker_connections = _int_env("CONVSCOPE_MAX_CONNECTIONS", 1000)
+# The bridge runs its own lifespan (it starts nothing; jobs are cancelled in worker_exit).
+asgi_lifespan = "on"
+# Plain asyncio: uvloop is not a dependency, and "auto" would pick it up if it were installed.
+asgi_loop = "asyncio"
 # The master kills a worker whose main loop is silent this long; app start-up (scanning the
 # checkpoint directory) happens before the loop, so leave it room. Requests are not bounded by it.
 timeout = _int_env("CONVSCOPE_WORKER_TIMEOUT", 120)
 graceful_timeout = _int_env("CONVSCOPE_GRACEFUL_TIMEOUT", 30)
-# Idle keep-alive connections are closed after this many seconds. A proxy that keeps upstream
+# Idle keep-alive connections are closed after this many seconds (and a new request on one must
+# have sent its headers by then). A proxy that keeps upstream
 # connections open must drop idle ones sooner (nginx: upstream keepalive_timeout below it),
 # or a request sent just as gunicorn closes one meets a connection reset.
 keepalive = _int_env("CONVSCOPE_KEEPALIVE", 5)
@@ -189,18 +187,12 @@ def post_fork(server: Any, worker: Any) -> None:
         server.log.info("worker %s uses %s", worker.pid, device)
 
 
-def post_request(worker: Any, req: Any, environ: dict, resp: Any) -> None:
-    """After a 413 (body over the limit, refused before it was read): discard the rest of the
-    body, so the connection ends with a readable response rather than a reset."""
-    if resp is not None and getattr(resp, "status_code", None) == 413:
-        discard_unread_body(req, max_bytes=_DRAIN_MAX_BYTES, seconds=_DRAIN_SECONDS)
-
-
 def worker_exit(server: Any, worker: Any) -> None:
     """After the worker stopped serving: cancel queued and running jobs, recording why.
 
     Runs in the worker (and, for a worker that vanished, in the master, where no app exists)."""
-    app = getattr(worker, "wsgi", None)
+    app = getattr(worker, "asgi", None) or getattr(worker, "wsgi", None)
+    app = getattr(app, "flask_app", app)          # the Flask app behind the WSGI bridge
     extensions = getattr(app, "extensions", None) or {}
     services = extensions.get("convscope")
     if services is not None:

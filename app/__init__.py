@@ -1,7 +1,8 @@
 """convscope's application layer: the Flask app, jobs, stores, rendering and the CLI.
 
 Importing this package is cheap and pulls in neither Flask nor torch, so plugins may use
-``app.errors``. gunicorn calls ``app:create_app()``.
+``app.errors``. ``create_app()`` builds the Flask app; gunicorn serves it through
+``app.asgi:create_asgi_app()`` (see gunicorn.conf.py).
 """
 from __future__ import annotations
 

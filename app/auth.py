@@ -16,6 +16,12 @@ Off unless ``CONVSCOPE_AUTH_TOKEN`` (or ``CONVSCOPE_AUTH_TOKEN_FILE``) is set. T
 - Tokens are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, so
   the length does not leak either). The session holds an HMAC of the token, never the token,
   so changing the token signs every browser out.
+- Sessions end: ``CONVSCOPE_SESSION_HOURS`` after the last request (the cookie's signature is
+  dated), ``CONVSCOPE_SESSION_MAX_HOURS`` after the sign-in however active (the sign-in time
+  is inside the signed cookie, so re-signing it never extends it), and at once on sign-out:
+  each session has a random id, and signing out records it as revoked in the data directory
+  (``sessions/revoked/``), which every gunicorn worker and server process sharing
+  ``CONVSCOPE_DATA_DIR`` checks. A saved cookie replayed after sign-out is not signed in.
 - Brute force: each wrong token costs a short delay, and an address with too many recent
   failures is refused with 429 for a while (per server process; behind a proxy the address is
   the proxy's, so a flood locks out token guessing for everyone rather than letting it on).
@@ -25,9 +31,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import logging
 import math
+import os
+import re
+import secrets
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,8 +49,12 @@ from app.errors import Forbidden, Unauthorized
 from app.http_errors import coded_error, wants_json
 from app.views import security
 
+log = logging.getLogger(__name__)
+
 EXTENSION = "convscope_auth"
 SESSION_KEY = "auth"
+SESSION_ID_KEY = "sid"
+SESSION_SINCE_KEY = "since"
 CSRF_HEADER = "X-CSRF-Token"
 TOKEN_FIELD = "token"
 NEXT_FIELD = "next"
@@ -99,11 +114,55 @@ class FailureLimiter:
             self._failures.pop(address, None)
 
 
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,64}")
+
+
+class SessionRevocations:
+    """Session ids that signed out, one empty file each under ``root``, shared by every process
+    that uses the same data directory. Entries older than the sessions' absolute lifetime are
+    removed as new ones arrive (those sessions have ended anyway)."""
+
+    def __init__(self, root: Path, max_age_s: float) -> None:
+        self.root, self.max_age_s = root, max_age_s
+
+    def revoke(self, session_id: str) -> None:
+        if not _SESSION_ID.fullmatch(session_id):
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / session_id).touch()
+        except OSError as error:
+            # Not recorded: the session still ends in this browser (its cookie is cleared).
+            log.warning("could not record a sign-out (%s); the session ends at its lifetime",
+                        error.strerror)
+            return
+        self._forget_expired()
+
+    def is_revoked(self, session_id: str) -> bool:
+        return not _SESSION_ID.fullmatch(session_id) or (self.root / session_id).exists()
+
+    def _forget_expired(self) -> None:
+        cutoff = time.time() - self.max_age_s - 3600
+        try:
+            with os.scandir(self.root) as entries:
+                for entry in entries:
+                    try:
+                        if entry.stat().st_mtime < cutoff:
+                            os.unlink(entry.path)
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+
+
 class AuthState:
     """Per-app authentication state in ``app.extensions[EXTENSION]``."""
 
-    def __init__(self, token: str, secret_key: str) -> None:
+    def __init__(self, token: str, secret_key: str, *, revocations: SessionRevocations,
+                 session_max_s: float) -> None:
         self.token = token
+        self.revocations = revocations
+        self.session_max_s = session_max_s
         # What a signed-in session holds: bound to this token and this secret key.
         self.session_proof = hmac.new(secret_key.encode("utf-8"),
                                       b"convscope-login\0" + token.encode("utf-8"),
@@ -148,10 +207,20 @@ def _failed_attempt() -> None:
 
 
 def signed_in() -> bool:
-    """Whether this browser session has logged in with the current token."""
-    proof = session.get(SESSION_KEY)
-    return isinstance(proof, str) and hmac.compare_digest(proof.encode("utf-8"),
-                                                          _state().session_proof.encode())
+    """Whether this browser session has logged in with the current token, within its absolute
+    lifetime, and has not signed out (on any worker)."""
+    state = _state()
+    proof, session_id, since = (session.get(SESSION_KEY), session.get(SESSION_ID_KEY),
+                                session.get(SESSION_SINCE_KEY))
+    if not (isinstance(proof, str) and isinstance(session_id, str)
+            and isinstance(since, (int, float)) and not isinstance(since, bool)):
+        return False
+    if not hmac.compare_digest(proof.encode("utf-8"), state.session_proof.encode()):
+        return False
+    age = time.time() - since
+    if not -60 <= age < state.session_max_s:
+        return False
+    return not state.revocations.is_revoked(session_id)
 
 
 def _bearer_token() -> str | None:
@@ -233,11 +302,17 @@ def submit_login() -> Any:
     session.clear()                 # a fresh session: new CSRF token, nothing from before
     session.permanent = True        # expires CONVSCOPE_SESSION_HOURS after the last request
     session[SESSION_KEY] = _state().session_proof
+    session[SESSION_ID_KEY] = secrets.token_urlsafe(24)
+    session[SESSION_SINCE_KEY] = int(time.time())   # ends CONVSCOPE_SESSION_MAX_HOURS later
     return redirect(safe_next(request.form.get(NEXT_FIELD)), code=303)
 
 
 @auth.post("/logout")
 def logout() -> Response:
+    """Sign out: the session id is revoked for every process, then the cookie is cleared."""
+    session_id = session.get(SESSION_ID_KEY)
+    if isinstance(session_id, str):
+        _state().revocations.revoke(session_id)
     session.clear()
     return redirect(url_for("auth.login"), code=303)
 
@@ -247,7 +322,10 @@ def init_app(app: Flask, settings: Any) -> None:
     app.jinja_env.globals["auth_enabled"] = settings.auth_enabled
     if not settings.auth_enabled:
         return
-    app.extensions[EXTENSION] = AuthState(settings.auth_token, settings.secret_key)
+    max_age_s = settings.session_max_hours * 3600
+    revocations = SessionRevocations(Path(settings.data_dir) / "sessions" / "revoked", max_age_s)
+    app.extensions[EXTENSION] = AuthState(settings.auth_token, settings.secret_key,
+                                          revocations=revocations, session_max_s=max_age_s)
     app.jinja_env.globals["signed_in"] = signed_in
     app.register_blueprint(auth)
     app.before_request(check_authentication)

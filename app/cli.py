@@ -1,4 +1,4 @@
-"""The ``convscope`` console script: ``serve``, ``check`` and ``visualize``.
+"""The ``convscope`` console script: ``serve``, ``check``, ``visualize`` and ``evaluate``.
 
 This module only parses arguments and dispatches; each command lives in its own module.
 No DIR means the bundled demo.
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=int(os.environ.get("CONVSCOPE_PORT", "8000")))
     serve.add_argument("--data-dir", default=None,
                        help="where results are stored (env CONVSCOPE_DATA_DIR)")
+    serve.add_argument("--datasets", default=None, metavar="ROOT",
+                       help="folder whose subfolders are labelled datasets to evaluate "
+                            "(env CONVSCOPE_DATASET_DIR)")
 
     check = commands.add_parser("check", help="load every checkpoint in DIR and report")
     _add_model_options(check)
@@ -63,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="predicted|INDEX|LABEL", help="target class (repeatable)")
     visualize.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     visualize.add_argument("--json", action="store_true", help="print results.json to stdout")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a labelled dataset folder and "
+                                                    "report its failure cases")
+    evaluate.add_argument("--device", default=os.environ.get("CONVSCOPE_DEVICE", "auto"))
+    evaluate.add_argument("--trust-code", action="store_true",
+                          default=_env_flag("CONVSCOPE_TRUST_CODE"))
+    evaluate.add_argument("paths", nargs="+", metavar="[DIR] DATASET",
+                          help="optional checkpoint directory, then the labelled dataset folder")
+    evaluate.add_argument("--checkpoint", default=None, metavar="FILE",
+                          help="checkpoint file in DIR (default: latest)")
+    evaluate.add_argument("--top-k", type=int, default=5, dest="top_k", metavar="K",
+                          help="predictions kept per image (default 5)")
+    evaluate.add_argument("--explain", type=int, default=0, metavar="N",
+                          help="visualize the N most confident failures, for their predicted "
+                               "and their true class")
+    evaluate.add_argument("--method", action="append", default=None, dest="methods",
+                          metavar="NAME", help="method for --explain (repeatable; default "
+                                               "grad_cam)")
+    evaluate.add_argument("--param", action="append", default=[], dest="params",
+                          metavar="NAME.KEY=VALUE", help="a method parameter (repeatable)")
+    evaluate.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
+    evaluate.add_argument("--json", action="store_true", help="print evaluation.json to stdout")
     return parser
 
 
@@ -84,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.check import check_command
 
         return check_command(args)
+    if args.command == "evaluate":
+        from app.evaluate_cli import evaluate_command
+
+        return evaluate_command(args)
     from app.report import visualize_command
 
     return visualize_command(args)

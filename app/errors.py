@@ -81,6 +81,20 @@ CheckpointNeedsTrust = _error("CheckpointNeedsTrust", "E_CHECKPOINT_NEEDS_TRUST"
 LabelsMismatch = _error("LabelsMismatch", "E_LABELS_MISMATCH", 422,
                         "The labels file does not match the model's number of classes.")
 
+# Datasets (dataset mode: a labelled folder evaluated as a whole).
+DatasetNotFound = _error("DatasetNotFound", "E_DATASET_NOT_FOUND", 404,
+                         "The dataset folder does not exist.")
+DatasetEmpty = _error("DatasetEmpty", "E_DATASET_EMPTY", 422, "The dataset has no images.")
+DatasetLabels = _error("DatasetLabels", "E_DATASET_LABELS", 422,
+                       "The dataset's labels do not match the model's classes.")
+DatasetTooLarge = _error("DatasetTooLarge", "E_DATASET_TOO_LARGE", 413,
+                         "The dataset has more images than this server evaluates at once.")
+# Skipped files of a dataset (listed with their code, never fatal).
+DatasetOutside = _error("DatasetOutside", "E_DATASET_OUTSIDE", 403,
+                        "This path leads outside the dataset folder; it was not followed.")
+NotFinished = _error("NotFinished", "E_NOT_FINISHED", 409, "The job has not finished yet.")
+FileUnreadable = _error("FileUnreadable", "E_FILE_UNREADABLE", 422, "The file cannot be read.")
+
 # Running.
 ModelOutputInvalid = _error("ModelOutputInvalid", "E_MODEL_OUTPUT_INVALID", 500,
                             "The model produced NaN or infinite values.")

@@ -10,17 +10,25 @@ It is pure (no Flask, no disk) and decides everything from the bytes themselves:
    ``MAX_IMAGE_PIXELS``. Pillow itself merely *warns* between 1x and 2x that limit; here any image
    over the limit is refused before a single pixel is decoded (a 100-byte PNG claiming
    30000x30000 costs nothing). Tiny images and extreme aspect ratios are refused here too.
-3. The first frame (animated GIF/WebP/PNG) or first page (TIFF) is decoded, every colour mode is
-   converted to 8-bit RGB deliberately (see :func:`_to_rgb`), the EXIF orientation is applied
-   (broken EXIF means "no rotation", never a crash), and the image is downscaled to ``max_side``.
-4. The result is re-encoded as PNG; its SHA-256 is the image id, so the same upload always gets
-   the same id and nothing from the original file (metadata, trailing payloads) survives.
+3. The first frame (animated GIF/WebP/PNG) or first page (TIFF) is decoded, within a memory
+   budget shared by concurrent uploads (:class:`app.decode_budget.DecodeBudget`): the decode
+   reserves its estimated size first (:func:`decode_cost_bytes`). JPEGs are decoded at a
+   reduced scale when they are far larger than ``max_side``; other large images are reduced by
+   an integer factor straight after decoding, before any conversion, so no full-size copy is
+   ever made.
+4. Every colour mode is converted to 8-bit sRGB deliberately (:mod:`app.colour`): an embedded
+   ICC profile is applied (Pillow's ImageCms), and then dropped. The image is downscaled to
+   ``max_side`` and the EXIF orientation applied (broken EXIF means "no rotation").
+5. The result is re-encoded as a PNG of pixels only (IHDR, IDAT, IEND: no ICC profile, text or
+   EXIF chunk); its SHA-256 is the image id, so the same file always gets the same id and
+   nothing from the original file (metadata, profiles, trailing payloads) survives.
 
 Pillow raises a wide, undocumented set of exceptions on malformed input (OSError, SyntaxError,
 ValueError, struct.error, EOFError, IndexError, ...); all of them become ``ImageCorrupt``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -28,10 +36,11 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import (BmpImagePlugin, GifImagePlugin, Image, ImageFile, JpegImagePlugin,
                  PngImagePlugin, TiffImagePlugin, WebPImagePlugin)
 
+from app.colour import embedded_profile, expand, high_depth_range, needs_expanding, to_rgb
+from app.decode_budget import DecodeBudget
 from app.errors import (ImageAspectRatio, ImageCorrupt, ImageEmpty, ImageTooLarge, ImageTooSmall,
                         ImageUnsupported)
 
@@ -39,7 +48,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # 50 MP admits a 50 MP phone photo (8160 x 6120) and stays well under Pillow's 89 MP warning
-# threshold; decoding one costs ~150 MB of RGB, so it is also the per-upload memory bound.
+# threshold. Pillow holds RGB in 4 bytes a pixel, so decoding one costs about 200 MB: concurrent
+# decodes share a budget (app.decode_budget).
 DEFAULT_MAX_PIXELS = 50_000_000
 # Stored images are downscaled to this longest side: models look at a few hundred pixels, and a
 # full-resolution PNG of a phone photo costs seconds to encode and tens of MB to keep.
@@ -50,9 +60,6 @@ MIN_SIDE_PX = 8
 MAX_ASPECT_RATIO = 50.0
 MAX_DISPLAY_NAME_CHARS = 100
 
-# Transparent pixels are composited onto mid-grey: with the usual mean-0.5 (or ImageNet-mean)
-# normalization it is close to zero input, i.e. "no evidence", unlike black or white.
-NEUTRAL_BACKGROUND = (128, 128, 128)
 
 # Format -> the Pillow class that parses it. The class is called directly (not ``Image.open``)
 # so only the sniffed format's parser ever sees the bytes, and so Pillow's own decompression-bomb
@@ -94,32 +101,56 @@ class IngestedImage:
 
 
 def ingest_image(data: bytes, filename: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_side: int = DEFAULT_MAX_SIDE) -> IngestedImage:
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE,
+                 budget: DecodeBudget | None = None) -> IngestedImage:
     """Validate and normalize one uploaded image.
 
     Raises ``ImageEmpty``, ``ImageTooLarge`` (bytes, or pixels read from the header),
     ``ImageUnsupported`` (not an allowed format by content), ``ImageCorrupt`` (truncated or
-    damaged), ``ImageTooSmall`` (a side under ``MIN_SIDE_PX``) or ``ImageAspectRatio``.
+    damaged), ``ImageTooSmall`` (a side under ``MIN_SIDE_PX``), ``ImageAspectRatio``, or
+    ``Busy`` when ``budget`` stays taken by other decodes for too long.
     """
     display_name = safe_display_name(filename)
+    rgb, source_format = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes,
+                                      max_side=max_side, budget=budget)
+    png_bytes = _encode_png(rgb)
+    return IngestedImage(image=rgb, png_bytes=png_bytes,
+                         sha256=hashlib.sha256(png_bytes).hexdigest(), width=rgb.width,
+                         height=rgb.height, filename=display_name, source_format=source_format)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_side: int = DEFAULT_MAX_SIDE,
+                 budget: DecodeBudget | None = None) -> tuple[Image.Image, str]:
+    """Every check of :func:`ingest_image` and the normalization to upright 8-bit RGB, without
+    the PNG re-encoding: (the image, its source format). Dataset evaluation reads thousands of
+    files it never stores, and encoding the PNG costs ~20x the JPEG decode. Raises the same
+    errors as ``ingest_image``, and gives the same pixels as its ``image``."""
+    source_format = _check_bytes(data, max_bytes)
+    return _decode_normalized(data, source_format, max_pixels, max_side, budget), source_format
+
+
+def header_pixels(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """Width x height from the file's header, without decoding; 0 when the header is not
+    readable (decoding it then fails with the proper error)."""
+    try:
+        source_format = _check_bytes(data, max_bytes)
+        if source_format == "WEBP":
+            canvas = _webp_canvas_size(data)
+            return canvas[0] * canvas[1] if canvas else 0
+        with _PARSERS[source_format](io.BytesIO(data)) as parsed:
+            return parsed.width * parsed.height
+    except Exception:  # noqa: BLE001 -- any unreadable header counts as nothing here
+        return 0
+
+
+def _check_bytes(data: bytes, max_bytes: int) -> str:
     if not data:
         raise ImageEmpty()
     if len(data) > max_bytes:
         raise ImageTooLarge(f"The file is {_megabytes(len(data))}; the limit is "
                             f"{_megabytes(max_bytes)}.")
-    source_format = sniff_format(data)
-    if source_format == "WEBP" and (canvas := _webp_canvas_size(data)) is not None:
-        # Pillow's WebP parser allocates the whole canvas when it opens the file: check first.
-        _check_dimensions(*canvas, max_pixels)
-    image, orientation = _decode_first_frame(data, source_format, max_pixels, max_side)
-    image = _apply_exif_orientation(image, orientation)
-    rgb = _to_rgb(image)
-    rgb = _downscale(rgb, max_side)
-    png_bytes = _encode_png(rgb)
-    return IngestedImage(image=rgb, png_bytes=png_bytes,
-                         sha256=hashlib.sha256(png_bytes).hexdigest(), width=rgb.width,
-                         height=rgb.height, filename=display_name, source_format=source_format)
+    return sniff_format(data)
 
 
 def sniff_format(data: bytes) -> str:
@@ -173,14 +204,53 @@ def safe_display_name(name: str | None) -> str:
 
 # --- decoding ------------------------------------------------------------------------------------
 
-def _decode_first_frame(data: bytes, source_format: str, max_pixels: int,
-                        max_side: int) -> tuple[Image.Image, int]:
-    """The first frame, detached from the file, and its EXIF orientation."""
+# Bytes a pixel takes once decoded, by Pillow mode (the modes not listed take 4).
+_DECODED_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2,
+                            "I;16N": 2}
+# Large images are reduced in bands of about this many pixels, so expanding a mode (palette to
+# RGB, 16-bit to 8-bit) or premultiplying alpha never makes a full-size copy.
+BAND_PIXELS = 2_000_000
+# Per pixel of the final (at most max_side) image: its copies through colour conversion and
+# compositing onto the background.
+_FINAL_BYTES_PER_PIXEL = 16
+
+
+def decode_cost_bytes(mode: str, width: int, height: int,
+                      max_side: int = DEFAULT_MAX_SIDE) -> int:
+    """Estimated peak memory to decode and normalize a ``width`` x ``height`` image in ``mode``
+    (checked against measured peaks in tests/service/test_ingest_memory.py): the decoded
+    pixels; a full-size expanded or premultiplied copy when the image is not reduced, or two
+    bands and the reduced image when it is; and the final image's copies."""
+    pixels = width * height
+    factor = max(1, max(width, height) // max_side)
+    cost = pixels * _DECODED_BYTES_PER_PIXEL.get(mode, 4)
+    if factor >= 2:
+        cost += 2 * BAND_PIXELS * 4 * 2 + -(-width // factor) * -(-height // factor) * 4
+    elif needs_expanding(mode) or "A" in mode:
+        cost += pixels * 4
+    scale = min(1.0, max_side / max(width, height))
+    return cost + int(pixels * scale * scale) * _FINAL_BYTES_PER_PIXEL
+
+
+def _decode_normalized(data: bytes, source_format: str, max_pixels: int, max_side: int,
+                       budget: DecodeBudget | None) -> Image.Image:
+    """The first frame as an upright 8-bit sRGB image of at most ``max_side``, metadata-free."""
+    if source_format == "WEBP" and (canvas := _webp_canvas_size(data)) is not None:
+        # Pillow's WebP parser allocates the whole canvas when it opens the file: check the
+        # header and reserve the budget before opening it.
+        _check_dimensions(*canvas, max_pixels)
+        cost = decode_cost_bytes("RGBA", *canvas)
+        with budget.reserve(cost) if budget is not None else contextlib.nullcontext():
+            return _decode_opened(data, source_format, max_pixels, max_side)
+    return _decode_opened(data, source_format, max_pixels, max_side, budget)
+
+
+def _decode_opened(data: bytes, source_format: str, max_pixels: int, max_side: int,
+                   budget: DecodeBudget | None = None) -> Image.Image:
     try:
         parsed = _PARSERS[source_format](io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(f"The image has too many pixels; the limit is "
-                            f"{_pixel_limit(max_pixels) / 1e6:.0f} megapixels.") from None
+        raise ImageTooLarge(_too_many_pixels(max_pixels)) from None
     except Exception as error:  # Pillow's parsers raise many types on malformed headers
         log.debug("header of %s upload rejected: %r", source_format, error)
         raise ImageCorrupt("The image file is damaged or incomplete.") from None
@@ -188,29 +258,44 @@ def _decode_first_frame(data: bytes, source_format: str, max_pixels: int,
         _check_dimensions(parsed.width, parsed.height, max_pixels)
         if source_format == "JPEG":
             _request_jpeg_draft(parsed, max_side)
-        try:
-            parsed.load()  # the first frame/page only: we never seek further
-            # Detach from the file: everything after this point works on pixels in memory.
-            frame = parsed.copy()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageTooLarge(f"The image has too many pixels; the limit is "
-                                f"{_pixel_limit(max_pixels) / 1e6:.0f} megapixels.") from None
-        except MemoryError:
-            raise ImageTooLarge("The image is too large to decode.") from None
-        except Exception as error:
-            log.debug("%s upload failed to decode: %r", source_format, error)
-            raise ImageCorrupt("The image file is damaged or incomplete.") from None
-        # Read from the parsed file, not the copy: TIFF keeps orientation in its own tags.
-        return frame, _read_orientation(parsed)
+        cost = decode_cost_bytes(parsed.mode, *parsed.size, max_side)
+        with budget.reserve(cost) if budget is not None else contextlib.nullcontext():
+            # Everything happens while the file is open: closing it frees the decoded pixels,
+            # so the full-size image is never copied.
+            try:
+                parsed.load()  # the first frame/page only: we never seek further
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise ImageTooLarge(_too_many_pixels(max_pixels)) from None
+            except MemoryError:
+                raise ImageTooLarge("The image is too large to decode.") from None
+            except Exception as error:
+                log.debug("%s upload failed to decode: %r", source_format, error)
+                raise ImageCorrupt("The image file is damaged or incomplete.") from None
+            # Read from the parsed file: TIFF keeps orientation in its own tags.
+            orientation = _read_orientation(parsed)
+            profile = embedded_profile(parsed)
+            try:
+                image = _reduced(parsed, max_side)
+                image = _downscale(image, max_side)
+                rgb = to_rgb(image, profile)
+                rgb = _apply_exif_orientation(rgb, orientation)
+                return _pixels_only(rgb)
+            except MemoryError:
+                raise ImageTooLarge("The image is too large to decode.") from None
+
+
+def _too_many_pixels(max_pixels: int) -> str:
+    return (f"The image has too many pixels; the limit is "
+            f"{_megapixel_text(_pixel_limit(max_pixels))} megapixels.")
 
 
 def _check_dimensions(width: int, height: int, max_pixels: int) -> None:
     """Refuse from the header alone, before any pixel is decoded."""
     limit = _pixel_limit(max_pixels)
     if width * height > limit:
-        raise ImageTooLarge(f"The image is {width}\u00d7{height} pixels "
-                            f"({width * height / 1e6:.1f} megapixels); the limit is "
-                            f"{limit / 1e6:.0f} megapixels.")
+        shown, limit_shown = megapixels_apart(width * height, limit)
+        raise ImageTooLarge(f"The image is {width}\u00d7{height} pixels ({shown} megapixels); "
+                            f"the limit is {limit_shown} megapixels.")
     if min(width, height) < MIN_SIDE_PX:
         raise ImageTooSmall(f"The image is {width}\u00d7{height} pixels; each side must be at "
                             f"least {MIN_SIDE_PX} pixels.")
@@ -218,6 +303,21 @@ def _check_dimensions(width: int, height: int, max_pixels: int) -> None:
         raise ImageAspectRatio(f"The image is {width}\u00d7{height} pixels; its long side may be "
                                f"at most {MAX_ASPECT_RATIO:.0f} times its short side, so crop it "
                                f"closer to the subject.")
+
+
+def _megapixel_text(pixels: int, decimals: int = 1) -> str:
+    text = f"{pixels / 1e6:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def megapixels_apart(pixels: int, limit: int) -> tuple[str, str]:
+    """Both counts in megapixels, with as many decimals as it takes to tell them apart
+    (7072 x 7072 is "50.013184 megapixels", not "50.0", against a limit of "50")."""
+    for decimals in range(1, 7):
+        shown, limit_shown = _megapixel_text(pixels, decimals), _megapixel_text(limit, decimals)
+        if float(shown) > float(limit_shown):
+            return shown, limit_shown
+    return _megapixel_text(pixels, 6), _megapixel_text(limit, 6)
 
 
 def _pixel_limit(max_pixels: int) -> int:
@@ -265,51 +365,28 @@ def _apply_exif_orientation(image: Image.Image, orientation: int) -> Image.Image
     return image.transpose(method) if method is not None else image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any decoded mode to 8-bit RGB, deliberately per mode.
+def _reduced(image: Image.Image, max_side: int) -> Image.Image:
+    """Shrunk by the largest integer factor that keeps the long side at least ``max_side`` (a
+    box filter: cheap; LANCZOS makes the exact size afterwards), in a mode that can be averaged
+    and resized (see :func:`app.colour.expand`).
 
-    - Alpha (RGBA, LA, PA, P with transparency, premultiplied RGBa/La): composited onto
-      ``NEUTRAL_BACKGROUND``.
-    - 16-bit greyscale (I;16*): scaled by 255/65535, not clipped as Pillow's ``convert`` does.
-    - 32-bit integer (I): treated as 16-bit when it fits 0..65535, else stretched min..max.
-    - Float (F): [0, 1] data scaled to 0..255, anything else stretched min..max; NaN/inf -> min.
-    - 1-bit, L, P, CMYK, YCbCr, RGBX: Pillow's conversion (colour profiles are not applied).
-    """
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode.startswith("I;16") or mode == "I" or mode == "F":
-        return Image.fromarray(_high_depth_to_uint8(image), mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, NEUTRAL_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError:  # e.g. LAB or HSV TIFFs, which Pillow cannot convert to RGB
-        raise ImageUnsupported(f"Images in the {mode} colour mode are not supported.") from None
-
-
-def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    values = np.asarray(image).astype(np.float64)
-    if image.mode.startswith("I;16"):
-        return _scale_to_uint8(values, 0.0, 65535.0)
-    finite = np.isfinite(values)
-    if not finite.any():
-        raise ImageCorrupt("The image has no valid pixel values.")
-    low, high = float(values[finite].min()), float(values[finite].max())
-    values = np.where(finite, values, low)
-    if image.mode == "I" and low >= 0 and high <= 65535:
-        return _scale_to_uint8(values, 0.0, 65535.0)
-    if image.mode == "F" and low >= 0 and high <= 1:
-        return _scale_to_uint8(values, 0.0, 1.0)
-    return _scale_to_uint8(values, low, high)
-
-
-def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    span = high - low if high > low else 1.0
-    scaled = (values - low) * (255.0 / span)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    A large image is reduced band by band, each band expanded first where its mode needs it:
+    nothing of full size is allocated besides the decoded pixels themselves."""
+    factor = max(image.size) // max_side
+    if factor < 2:
+        return expand(image)
+    value_range = high_depth_range(image, BAND_PIXELS)
+    width, height = image.size
+    rows = factor * max(1, BAND_PIXELS // (width * factor))
+    reduced: Image.Image | None = None
+    for top in range(0, height, rows):
+        band = expand(image.crop((0, top, width, min(height, top + rows))), value_range)
+        band = band.reduce(factor)
+        if reduced is None:
+            reduced = Image.new(band.mode, (-(-width // factor), -(-height // factor)))
+        reduced.paste(band, (0, top // factor))
+    assert reduced is not None
+    return reduced
 
 
 def _downscale(image: Image.Image, max_side: int) -> Image.Image:
@@ -317,13 +394,19 @@ def _downscale(image: Image.Image, max_side: int) -> Image.Image:
         return image
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _pixels_only(image: Image.Image) -> Image.Image:
+    """A fresh RGB image holding nothing but the pixels: no ``info`` (ICC profile, EXIF, text,
+    DPI, gamma) can reach the stored PNG."""
+    return Image.frombytes("RGB", image.size, image.tobytes())
 
 
 def _encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    # compress_level 6 is zlib's default trade-off; no metadata is written, so equal pixels give
-    # equal bytes and therefore equal ids.
+    # compress_level 6 is zlib's default trade-off; only pixels are written (see _pixels_only),
+    # so equal pixels give equal bytes and therefore equal ids.
     image.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
 

@@ -54,10 +54,15 @@ if TYPE_CHECKING:
 
 PREDICTED = "predicted"
 # Bumped when a stored prediction (its record, the model view or the probabilities) changes.
-PREDICTION_VERSION = 1
+# 2: the record carries the uncertainty figures (app.uncertainty).
+PREDICTION_VERSION = 2
 # Bumped when a stored visualization's pictures or panel records change for the same arrays
 # (2: display scaling -- clipped colour ranges and the ``display`` record).
 RENDERING_VERSION = 2
+PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")
+# ``primary`` and ``role`` are added per image by mark_panel_roles.
+PANEL_FIELDS = {"title", "kind", "signed", "target", "value_range", "display", "metrics",
+                "notes", "primary", "role", *PANEL_FILE_FIELDS}
 
 
 # --- what to compute ----------------------------------------------------------------------------
@@ -143,10 +148,11 @@ class ModelIdentity:
         return cls(meta.sha256, meta_fingerprint(meta))
 
 
-def prediction_key(image_id: str, model: ModelIdentity, top_k: int) -> str:
+def prediction_key(image_id: str, model: ModelIdentity, top_k: int,
+                   with_uncertainty: bool = True) -> str:
     return result_key(kind="prediction", version=PREDICTION_VERSION, image=image_id,
                       checkpoint=model.checkpoint_sha256, meta=model.meta_fingerprint,
-                      top_k=top_k)
+                      top_k=top_k, uncertainty=with_uncertainty)
 
 
 def visualization_key(image_id: str, model: ModelIdentity, request: MethodRequest,
@@ -167,6 +173,7 @@ class Prediction:
     batch: "torch.Tensor"               # (1, C, H, W), normalized, on the model's device
     probabilities: np.ndarray           # (num_classes,) float32
     top: list[dict[str, Any]]           # [{"index", "label", "probability"}], best first
+    uncertainty: dict[str, Any] | None = None   # app.uncertainty's figures
 
     @property
     def predicted(self) -> int:
@@ -174,19 +181,32 @@ class Prediction:
 
     def record(self) -> dict[str, Any]:
         """What a stored prediction says (its files are ``prediction_files``)."""
-        return {"kind": "prediction", "predictions": self.top, "predicted": self.predicted}
+        return {"kind": "prediction", "predictions": self.top, "predicted": self.predicted,
+                "uncertainty": self.uncertainty}
 
     def files(self) -> dict[str, bytes]:
         return {"model_view.png": encode_png(self.view),
                 "probabilities.npy": npy_bytes(self.probabilities)}
 
 
-def predict(model: "LoadedModel", image: "Image.Image", top_k: int) -> Prediction:
+def predict(model: "LoadedModel", image: "Image.Image", top_k: int, *,
+            with_uncertainty: bool = True) -> Prediction:
+    """The model's top-k for one image, and (unless told not to) how far to believe it:
+    ``app.uncertainty``'s figures, a few small batches more."""
+    from app.uncertainty import uncertainty
+
     view = model.model_view(image)
     batch = model.to_tensor([view])
-    probabilities = model.predict(batch)[0].float().cpu()
-    return Prediction(view, batch, probabilities.numpy().astype(np.float32),
-                      model.top_k(probabilities, top_k))
+    probabilities = model.predict(batch)[0].float().cpu().numpy().astype(np.float32)
+    figures = uncertainty(model, batch, probabilities) if with_uncertainty else None
+    return Prediction(view, batch, probabilities,
+                      model.top_k(torch_from_numpy(probabilities), top_k), figures)
+
+
+def torch_from_numpy(array: np.ndarray) -> "torch.Tensor":
+    import torch
+
+    return torch.from_numpy(array)
 
 
 class StoredInputs:
@@ -258,7 +278,9 @@ def panel_record(number: int, panel: "Panel", view: "Image.Image", files: dict[s
         overlay = heatmap = f"{prefix}-image.png"
         files[overlay] = rendered.heatmap_png
     low, high = panel.value_range
-    return {"title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
+    clash = set(panel.extra) & PANEL_FIELDS
+    assert not clash, f"a panel's extra fields may not replace {sorted(clash)}"
+    return {**panel.extra, "title": panel.title, "kind": panel.kind, "signed": bool(panel.signed),
             "target": panel.target.to_dict() if panel.target is not None else None,
             "value_range": [float(low), float(high)],
             "display": scale.record(panel, defaults) if scale is not None else None,
@@ -291,9 +313,6 @@ def grid_cell(panels: list[dict[str, Any]]) -> list[int]:
     if by_role["true"] is not None and by_role["predicted"] is not None:
         return [by_role["predicted"], by_role["true"]]
     return primary[:1]
-
-
-PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")
 
 
 def write_panel_set(panel_set: PanelSet, root: Path, prefix: str) -> list[dict[str, Any]]:

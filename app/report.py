@@ -245,11 +245,12 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
     (out_dir / slug).mkdir(parents=True, exist_ok=True)
     (out_dir / slug / "model-view.png").write_bytes(view_png)
     record: dict[str, Any] = {"file": str(path), "predictions": prediction.top,
-                              "visualizations": []}
+                              "uncertainty": prediction.uncertainty, "visualizations": []}
     # The page's row, shaped like the job page's (templates/partials/results.html).
     page: dict[str, Any] = {"filename": path.name, "view_url": pictures.add(view_png),
                             "view_size": list(prediction.view.size),
                             "predictions": prediction.top, "true_label": None,
+                            "uncertainty": prediction.uncertainty,
                             "failure": False, "visualizations": []}
     for request in requests:
         method = visualization_registry.get(request.name)

@@ -27,6 +27,8 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides["checkpoint_dir"] = args.directory
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
+    if getattr(args, "datasets", None):
+        overrides["dataset_dir"] = args.datasets
     return overrides
 
 
@@ -48,9 +50,26 @@ def debug_refusal(debug: bool, host: str) -> str | None:
     return None
 
 
+def _request_handler() -> type:
+    """werkzeug's request handler without its ``Server: Werkzeug/x Python/y`` banner (versions
+    help an attacker pick an exploit; nothing legitimate needs them)."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    class QuietRequestHandler(WSGIRequestHandler):
+        def version_string(self) -> str:
+            return "convscope"
+
+        @property
+        def server_version(self) -> str:  # type: ignore[override]  # werkzeug: a property
+            return "convscope"
+
+    return QuietRequestHandler
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from app import create_app
     from app.settings import load_settings
+
 
     overrides = settings_from_args(args)
     try:
@@ -80,7 +99,7 @@ def serve_command(args: argparse.Namespace) -> int:
     log.info("convscope is serving on http://%s:%d/", url_host, args.port)
     try:
         app.run(host=args.host, port=args.port, threaded=True, debug=settings.debug,
-                use_reloader=False)
+                use_reloader=False, request_handler=_request_handler())
     except KeyboardInterrupt:
         pass
     except OSError as error:

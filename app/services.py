@@ -58,6 +58,7 @@ class Services:
 def build_services(settings: Settings, *, catalog: Any = None) -> Services:
     """Resolve the device (DeviceUnavailable here, at startup), open the catalog and stores."""
     from app.devices import configure_threads, resolve_device
+    from app.jobs.kinds import spec_from_record
     from visualizations import visualization_registry
 
     configure_threads()
@@ -67,7 +68,7 @@ def build_services(settings: Settings, *, catalog: Any = None) -> Services:
     data = settings.data_dir
     return Services(settings, device, catalog, visualization_registry,
                     ImageStore(data / "images"), ResultStore(data / "results"),
-                    JobStore(data / "jobs"))
+                    JobStore(data / "jobs", spec_from_record))
 
 
 def _build_catalog(settings: Settings, device: Any) -> Any:

@@ -33,6 +33,12 @@ class Settings:
 
     checkpoint_dir: Path | None = field(default=None, metadata={
         "help": "checkpoint directory to serve (default: the bundled demo)"})
+    dataset_dir: Path | None = field(default=None, metadata={
+        "help": "folder whose subfolders are the labelled datasets offered for evaluation "
+                "(default: the bundled sample set when serving the demo, else none)"})
+    max_dataset_images: int = field(default=100_000, metadata={
+        "help": "most images one dataset evaluation reads (E_DATASET_TOO_LARGE above)",
+        "min": 1})
     data_dir: Path = field(default_factory=default_data_dir, metadata={
         "help": "where uploaded images, results and job records are stored"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -57,7 +63,19 @@ class Settings:
         "help": "image files in one upload request", "min": 1})
     max_request_mb: float = field(default=64.0, metadata={
         "help": "largest request body in MiB (413 above)", "min": 0.001})
+    max_request_megapixels: float = field(default=100.0, metadata={
+        "help": "pixels, as their headers claim, of all the images in one upload request, in "
+                "megapixels (413 E_IMAGE_TOO_LARGE above, before anything is decoded)",
+        "min": 0.001})
+    decode_budget_mb: float = field(default=512.0, metadata={
+        "help": "memory in MiB that the image decodes of one server process may hold at once "
+                "(estimated from each image's header); further uploads wait for it, then get "
+                "503 E_BUSY with Retry-After", "min": 1})
     top_k: int = field(default=5, metadata={"help": "predictions listed per image", "min": 1})
+    uncertainty: bool = field(default=True, metadata={
+        "help": "compute how far to believe each prediction (test-time augmentation, MC "
+                "dropout, entropy, an out-of-distribution hint): about 16 extra forward passes "
+                "per image, in two small batches"})
     batch_size: int | None = field(default=None, metadata={
         "help": "perturbation/step batch size for the methods (default: each method decides)",
         "min": 1})
@@ -83,7 +101,11 @@ class Settings:
         "help": "a file holding the token (e.g. a Docker secret), instead of "
                 "CONVSCOPE_AUTH_TOKEN"})
     session_hours: float = field(default=12.0, metadata={
-        "help": "a browser login lasts this many hours after the last request", "min": 0.01})
+        "help": "a browser login lasts this many hours after the last request", "min": 0.001})
+    session_max_hours: float = field(default=24.0, metadata={
+        "help": "a browser login ends this many hours after it began, however active "
+                "(absolute lifetime); signing out ends it at once on every worker",
+        "min": 0.001})
     secure_cookies: bool = field(default=False, metadata={
         "help": "send the session cookie only over HTTPS (set it behind a TLS proxy)"})
     allowed_hosts: str = field(default="localhost", metadata={
@@ -205,6 +227,9 @@ def _validated(settings: Settings) -> Settings:
     if settings.checkpoint_dir is not None and not settings.checkpoint_dir.is_dir():
         raise ConfigInvalid("The checkpoint directory does not exist or is not a directory.",
                             fields={env_name("checkpoint_dir"): "an existing directory"})
+    if settings.dataset_dir is not None and not settings.dataset_dir.is_dir():
+        raise ConfigInvalid("The dataset directory does not exist or is not a directory.",
+                            fields={env_name("dataset_dir"): "an existing directory"})
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         probe = settings.data_dir / f".write-test-{secrets.token_hex(4)}"

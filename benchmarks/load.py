@@ -29,6 +29,7 @@ import io
 import math
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -104,8 +105,12 @@ class GunicornServer:
 
 @contextlib.contextmanager
 def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None = None,
-                    ready_timeout: float = 90.0) -> Iterator[GunicornServer]:
-    """Start gunicorn (demo model unless env names a checkpoint dir) and stop it afterwards."""
+                    ready_timeout: float = 90.0,
+                    extra_args: list[str] | None = None) -> Iterator[GunicornServer]:
+    """Start gunicorn (demo model unless env names a checkpoint dir) and stop it afterwards.
+
+    ``extra_args`` go after ``--config gunicorn.conf.py`` (command-line settings win), e.g. to
+    compare another worker class with the shipped one."""
     with contextlib.ExitStack() as stack:
         port = free_port()
         if data_dir is None:
@@ -116,13 +121,15 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
         else:
             # A caller's data dir is the app's alone: the log goes beside it.
             log_path = data_dir.parent / f"gunicorn-{port}.log"
-        environ = {**os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
+        # MALLOC_ARENA_MAX as the image sets it (Dockerfile): glibc reads it at process start.
+        environ = {"MALLOC_ARENA_MAX": "2", **os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
                    "CONVSCOPE_DATA_DIR": str(data_dir), "CONVSCOPE_DEVICE": "cpu",
                    "CONVSCOPE_ACCESS_LOG": "0", "CONVSCOPE_TORCH_THREADS":
                    os.environ.get("CONVSCOPE_TORCH_THREADS", "1"), **(env or {})}
         log_file = stack.enter_context(open(log_path, "wb"))
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")],
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py"),
+             *(extra_args or [])],
             cwd=ROOT, env=environ, stdout=log_file, stderr=subprocess.STDOUT)
         server = GunicornServer(process, f"http://127.0.0.1:{port}", log_path)
         try:
@@ -465,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     parser.add_argument("--checkpoint-dir", default=None, help="default: the bundled demo")
     parser.add_argument("--server-log", default=None, help="copy gunicorn's log here")
+    parser.add_argument("--gunicorn-args", default="",
+                        help="extra gunicorn arguments after the config file, e.g. to compare "
+                             "\"--worker-class gthread --threads 8 app:create_app()\"")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.duration = 4, 15.0
@@ -474,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         mix = [(name, {}, 1) for name in args.methods.split(",")]
     env = {"CONVSCOPE_CHECKPOINT_DIR": args.checkpoint_dir} if args.checkpoint_dir else {}
     started = time.monotonic()
-    with gunicorn_server(env) as server:
+    with gunicorn_server(env, extra_args=shlex.split(args.gunicorn_args)) as server:
         print(f"gunicorn ready at {server.base_url} in {time.monotonic() - started:.1f} s "
               f"(master {server.master_pid}, workers {server.worker_pids()})", flush=True)
         summary = run_load(server, clients=args.clients, duration=args.duration, warmup=warmup,

@@ -5,7 +5,7 @@ convolutional feature map by class gradients, so they need a module whose output
 ``(N, C, H, W)`` map. We find such modules by running one dummy input through the model with a
 forward hook on every named module, instead of guessing from class names.
 
-The rule for the default layer ("the last spatial layer before global pooling"):
+The rule for the default layer ("the tensor the head pools"):
 
 1. Candidates are named modules whose output is one 4-D tensor with more than one spatial cell
    (``H * W > 1``) at the model's input size, recorded in forward *completion* order. A container
@@ -14,14 +14,19 @@ The rule for the default layer ("the last spatial layer before global pooling"):
 2. Modules called more than once in a forward pass (e.g. a shared ``nn.ReLU`` in a ResNet
    BasicBlock, or EfficientNet-Lite's ``_swish`` used by both stem and head) are dropped: a hook
    on them sees several unrelated outputs, so a CAM on them would be ambiguous.
-3. The default is the last candidate that is not itself a pooling layer. Pooling layers are
-   skipped because they are the "global pooling" (or, like VGG's ``AdaptiveAvgPool2d((7, 7))``,
-   a resolution adapter in front of the classifier) rather than a feature layer. This gives
-   ``layer4`` (ResNet), ``features`` (VGG, AlexNet, DenseNet -- whose final ReLU is functional,
-   so ``features`` is what feeds the pool -- MobileNet, EfficientNet, ConvNeXt), ``trunk_output``
-   (RegNet), ``Mixed_7c`` (Inception v3), ``classifier.2`` (SqueezeNet: the ReLU on the final
-   1x1 class conv, which feeds its global pool), ``_bn1`` (the demo EfficientNet-Lite0, whose
-   head activation is the reused ``_swish``).
+3. The default is the tensor the head actually pools: the input of the last global spatial
+   pooling in the forward pass (``AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d``,
+   ``x.mean((2, 3))``, ... -- seen by a ``TorchFunctionMode``, so functional pooling counts too).
+   When a candidate's output *is* that tensor (the same object, not changed in place since),
+   the outermost such name is the default: ``layer4`` (ResNet: each block ends with its ReLU),
+   ``features`` (MobileNet, EfficientNet, ConvNeXt), ``trunk_output`` (RegNet), ``Mixed_7c``
+   (Inception v3), ``conv5`` (ShuffleNet), ``layers`` (MNASNet), ``classifier.2`` (SqueezeNet:
+   the ReLU on the final 1x1 class conv). When no module outputs it -- the activation in front
+   of the pool is a reused module (the demo EfficientNet-Lite0: ``_bn1``, then the shared
+   ``_swish`` ReLU6) or a function (DenseNet: ``features``, then ``F.relu``) -- the pooled tensor
+   itself is offered as the layer :data:`POOLED_LAYER` and is the default, so the default is
+   never a pre-activation tensor. Without global pooling (VGG, AlexNet: a flatten head), the
+   default is the last candidate that is not itself a pooling layer (``features``).
 
 Transformers (models with attention modules: ViT, Swin, MaxViT) also carry 4-D tensors that are
 not feature maps -- channels-last windows, partitions -- so for them a layer qualifies only when
@@ -38,18 +43,25 @@ it lies on a grid over the input:
    drops the prefix and reshapes the patch tokens to ``(N, D, rows, cols)``.
 6. The default is the last token layer -- for ViT the last block's ``ln_1``, as pytorch-grad-cam
    recommends -- unless a 4-D map (rule 4) completes after the last attention (a CNN stage after
-   an attention block in a hybrid): then, and without token layers (Swin, MaxViT), rule 3.
+   an attention block in a hybrid): then, and without token layers (Swin: ``permute``;
+   MaxViT: ``blocks.3``), rule 3.
 
 A transformer with no such layer is reported as CAM-unsupported with a reason.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# The layer name of "the tensor the head pools" when no module outputs it (rule 3). Module
+# names never start with "@", and it needs no quoting on a command line.
+POOLED_LAYER = "@pooled"
 
 # Pooling layers are skipped when choosing the default (rule 3 above).
 _POOLING_TYPES: tuple[type[nn.Module], ...] = (
@@ -75,6 +87,66 @@ class CamLayers:
     default: str | None
     unsupported_reason: str | None
     output: Any = None  # the model's output on the probe input (to check the class count)
+
+
+# Torch functions that can reduce an (N, C, H, W) map to one value per channel. Matched by name,
+# so ``F.adaptive_avg_pool2d``, ``torch.mean`` and ``Tensor.mean`` all count; the output shape
+# decides whether a call was global pooling.
+_POOLING_FUNCTIONS = frozenset({
+    "adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "max_pool2d", "lp_pool2d",
+    "mean", "nanmean", "sum", "amax", "max", "logsumexp"})
+
+
+def _is_global_pool(func: Callable[..., Any], inputs: Any, output: Any) -> bool:
+    """Whether ``func(inputs, ...)`` turned a spatial map (N, C, H, W) into one value per
+    channel: (N, C) or (N, C, 1, 1)."""
+    if getattr(func, "__name__", None) not in _POOLING_FUNCTIONS or not _is_spatial(inputs):
+        return False
+    if isinstance(output, tuple) and output:      # torch.max(x, dim) -> (values, indices)
+        output = output[0]
+    if not isinstance(output, torch.Tensor) or tuple(output.shape[:2]) != tuple(inputs.shape[:2]):
+        return False
+    return output.dim() == 2 or (output.dim() == 4 and tuple(output.shape[2:]) == (1, 1))
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter (-1 for inference tensors, which have none)."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
+class PooledTensorWatch(TorchFunctionMode):
+    """While active, remembers the input of the latest global spatial pooling call: after a
+    forward pass, the tensor the head pooled (SE blocks pool earlier; the head pools last).
+
+    With ``gradient=True`` (Grad-CAM), each candidate call gets a copy of its input, so the
+    class score's gradient with respect to exactly that tensor can be taken afterwards.
+    ``version`` is the tensor's in-place version counter at the call (the probe compares it with
+    a module output's, to tell "the same tensor" from "the same tensor, since then modified in
+    place", as DenseNet's ``F.relu(features, inplace=True)`` does).
+    """
+
+    def __init__(self, gradient: bool = False) -> None:
+        super().__init__()
+        self.gradient = gradient
+        self.tensor: torch.Tensor | None = None
+        self.version = -1
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        candidate = (args and getattr(func, "__name__", None) in _POOLING_FUNCTIONS
+                     and _is_spatial(args[0]))
+        if not candidate:
+            return func(*args, **kwargs)
+        pooled = args[0]
+        if self.gradient and pooled.requires_grad:
+            pooled = pooled.clone()
+            args = (pooled, *args[1:])
+        version = _version(pooled)
+        output = func(*args, **kwargs)
+        if _is_global_pool(func, pooled, output):
+            self.tensor, self.version = pooled, version
+        return output
 
 
 def _attention_types() -> tuple[type[nn.Module], ...]:
@@ -138,11 +210,13 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     ``meta`` device is probed on ``meta`` too (shapes only, no arithmetic), which is how the
     tests cover every torchvision architecture cheaply.
     """
+    first = next(module.parameters(), None)
     if device is None:
-        first = next(module.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
+    # A float64 (or half) model gets a probe of its own floating-point type.
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     height, width = input_size
-    probe = torch.zeros(1, channels, height, width, device=device)
+    probe = torch.zeros(1, channels, height, width, device=device, dtype=dtype)
 
     if isinstance(module, torch.jit.ScriptModule):
         with torch.no_grad():
@@ -150,6 +224,8 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
 
     calls: dict[str, int] = {}
     spatial_order: list[str] = []  # names in completion order, first completion only
+    # name -> (weak reference to its first output, that output's in-place version then)
+    outputs: dict[str, tuple[weakref.ref, int]] = {}
     tokens: set[str] = set()       # those of them that are patch tokens (transformers)
     map_grids: set[tuple[int, int]] = set()   # (rows, cols) of the 4-D maps seen so far
     last_attention_at: int | None = None  # len(spatial_order) when the last attention started
@@ -162,6 +238,8 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
         calls[name] = calls.get(name, 0) + 1
         if calls[name] > 1:
             return
+        if _is_spatial(output):
+            outputs[name] = (weakref.ref(output), _version(output))
         if not transformer:
             if _is_spatial(output):
                 spatial_order.append(name)
@@ -185,8 +263,9 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     handles = [child.register_forward_hook(record) for child in names]
     handles += [child.register_forward_pre_hook(attention_starts)
                 for child in names if isinstance(child, attention)]
+    watch = PooledTensorWatch()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watch:
             output = module(probe)
     finally:
         for handle in handles:
@@ -207,5 +286,11 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], channels: in
     maps_after_attention = [name for name in spatial_order[cut:] if name in features]
     if token_layers and not maps_after_attention:                        # rule 6
         return CamLayers(layers, token_layers[-1], None, output)
+    if watch.tensor is not None:                                        # rule 3
+        pooled_by = [name for name in features
+                     if outputs[name][0]() is watch.tensor and outputs[name][1] == watch.version]
+        if pooled_by:
+            return CamLayers(layers, pooled_by[-1], None, output)
+        return CamLayers((*layers, POOLED_LAYER), POOLED_LAYER, None, output)
     default = features[-1] if features else layers[-1]
     return CamLayers(layers, default, None, output)

@@ -1,5 +1,6 @@
 """Visualization methods. Discovery is explicit: each method module is imported and registered
 here (as captum's ``attr/__init__.py`` does); no folder scanning."""
+from visualizations.adversarial import AdversarialExample
 from visualizations.base import Visualization, visualization_registry
 from visualizations.cam import ClassActivationMap
 from visualizations.grad_cam import GradCamMap
@@ -11,7 +12,7 @@ from visualizations.saliency import SaliencyMap
 
 # Registry order is the order users see (the order of the issue's method table).
 for _method in (SaliencyMap(), IntegratedGradientsMap(), OcclusionMap(), PartialOcclusionMap(),
-                ClassActivationMap(), GradCamMap(), GuidedGradCamMap()):
+                ClassActivationMap(), GradCamMap(), GuidedGradCamMap(), AdversarialExample()):
     visualization_registry.register(_method.name, _method)
 del _method
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 import types
 import typing
@@ -94,6 +95,11 @@ def param_specs(params_cls: type, meta: "ModelMeta | None" = None) -> list[Param
     return specs
 
 
+# Numbers as forms and command lines write them: ASCII only, and short (a longer one is out of
+# any range we declare, and a 4,000-digit string is slow to convert).
+_ASCII_INTEGER = re.compile(r"[+-]?[0-9]{1,30}")
+_ASCII_NUMBER = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})"
+                           r"(?:[eE][+-]?[0-9]{1,4})?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -120,19 +126,25 @@ def _coerce(spec: ParamSpec, base: type, raw: Any) -> Any:
         if isinstance(raw, float) and raw.is_integer():
             raw = int(raw)
         if isinstance(raw, str):
-            try:
-                raw = int(raw.strip())
-            except ValueError:
-                raise bad("an integer") from None
+            # ASCII digits only: int() also reads Arabic-Indic, fullwidth and other Unicode
+            # digits, which no form or CLI user means as a number here.
+            text = raw.strip()
+            if not _ASCII_INTEGER.fullmatch(text):
+                raise bad("an integer (digits 0-9)")
+            raw = int(text)
         if not isinstance(raw, int):
             raise bad("an integer")
         return raw
     if base is float:
         if isinstance(raw, bool):
             raise bad("a number")
+        if isinstance(raw, str):
+            if not _ASCII_NUMBER.fullmatch(raw.strip()):
+                raise bad("a number (digits 0-9)")
+            raw = raw.strip()
         try:
-            value = float(raw.strip()) if isinstance(raw, str) else float(raw)
-        except (TypeError, ValueError):
+            value = float(raw)
+        except (TypeError, ValueError, OverflowError):
             raise bad("a number") from None
         if not math.isfinite(value):
             raise bad("a finite number")
@@ -140,6 +152,17 @@ def _coerce(spec: ParamSpec, base: type, raw: Any) -> Any:
     if not isinstance(raw, str):
         raise bad("a string")
     return raw.strip()
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, never longer than a line (a JSON body may carry a 4,000-digit
+    number, which the message must not echo back)."""
+    text = repr(value)
+    if len(text) <= 24:
+        return text
+    if isinstance(value, int):
+        return f"a {len(str(abs(value)))}-digit number"
+    return text[:20] + "\u2026"
 
 
 def _range_text(spec: ParamSpec) -> str:
@@ -169,8 +192,9 @@ def parse_params(params_cls: type, raw: Mapping[str, Any] | None,
         value = _coerce(spec, base, raw[name])
         if value is not None:
             if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
-                raise BadParameter(f"Parameter {name!r} = {value!r} is out of range; it must be "
-                                   f"{_range_text(spec)}.", fields={name: _range_text(spec)})
+                raise BadParameter(f"Parameter {name!r} = {_shown(value)} is out of range; it "
+                                   f"must be {_range_text(spec)}.",
+                                   fields={name: _range_text(spec)})
             if spec.choices is not None and value not in spec.choices:
                 raise BadParameter(f"Parameter {name!r} = {str(value)[:80]!r} is not allowed; it "
                                    f"must be {_range_text(spec)}.", fields={name: _range_text(spec)})
@@ -210,6 +234,9 @@ class Panel:
     # error) and plain-language caveats shown beside it (e.g. "only partly guided").
     metrics: Mapping[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # Method-specific facts that belong in the panel record itself, JSON values only (e.g. the
+    # adversarial method's "epsilon" and "new_class").
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def value_range(self) -> tuple[float, float]:

@@ -1,10 +1,11 @@
 """Grad-CAM: a layer's feature maps weighted by the spatial mean of the class score's gradient.
 
 Selvaraju, Cogswell, Das, Vedantam, Parikh & Batra (2017), "Grad-CAM: Visual Explanations from
-Deep Networks via Gradient-based Localization", https://arxiv.org/abs/1610.02391. It equals CAM
-for a global-average-pool + linear head (up to a constant factor) and works for any head. The
-coarse layer map is upsampled bilinearly to the input. With ``relu`` (the paper's choice) only
-evidence *for* the class is kept; without it the map is signed.
+Deep Networks via Gradient-based Localization", https://arxiv.org/abs/1610.02391. At the tensor
+the head pools (the default layer) it equals CAM for a global-average-pool + linear head, up to
+the factor 1 / (h * w), and it works for any head. The coarse layer map is upsampled
+bilinearly to the input. With ``relu`` (the paper's choice) only evidence *for* the class is
+kept; without it the map is signed.
 
 The layer is a convolutional feature map ``(1, C, h, w)``, or a transformer's patch tokens
 ``(1, T, D)``: the prefix tokens (class, distillation, registers) are dropped and the rest laid
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from app.errors import MethodUnsupported
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo, param
-from visualizations.common import (ObservedForward, as_model_input, check_finite, find_layer,
-                                   to_map, upsample)
-from visualizations.layer_choice import LayerVisualization, layer_param
+from visualizations.common import ObservedForward, as_model_input, check_finite, to_map, upsample
+from visualizations.layer_choice import (LayerVisualization, captured_layer, layer_label,
+                                         layer_param)
 
 if TYPE_CHECKING:
     import torch
@@ -42,35 +43,22 @@ def grad_cam_map(model: "LoadedModel", inputs: "torch.Tensor", target: int, laye
     """Grad-CAM at ``layer_name`` for one image, upsampled to the input size: (1, 1, H, W)."""
     import torch
 
-    layer = find_layer(model.module, layer_name)
-    saved: list["torch.Tensor"] = []
-
-    def keep_output(_module: object, _inputs: object, output: object) -> object:
-        if saved or not isinstance(output, torch.Tensor):
-            return None
-        saved.append(output)
-        # Later modules get a copy, so an in-place op after the layer (a ReLU(inplace=True))
-        # cannot change the activations we take the gradient for.
-        return output.clone()
-
-    handle = layer.register_forward_hook(keep_output)
-    try:
-        with torch.enable_grad():
-            leaf = inputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        leaf = inputs.detach().requires_grad_(True)
+        with captured_layer(model.module, layer_name) as captured:
             logits = ObservedForward(model.module, context, 1)(leaf)
-            check_finite(logits, "logits")
-            if not saved:
-                raise MethodUnsupported(f"Layer {layer_name!r} did not produce a tensor, so "
-                                        "Grad-CAM cannot use it; choose another layer.")
-            if not saved[0].requires_grad or not logits.requires_grad:
-                raise MethodUnsupported("The model computes this layer or its output without "
-                                        "gradients (torch.no_grad inside forward), so Grad-CAM "
-                                        "cannot run; use occlusion.")
-            (gradients,) = torch.autograd.grad(logits[:, target].sum(), saved[0])
-    finally:
-        handle.remove()
+        check_finite(logits, "logits")
+        activations = captured.tensor
+        if activations is None:
+            raise MethodUnsupported(f"Layer {layer_name!r} did not produce a tensor, so "
+                                    "Grad-CAM cannot use it; choose another layer.")
+        if not activations.requires_grad or not logits.requires_grad:
+            raise MethodUnsupported("The model computes this layer or its output without "
+                                    "gradients (torch.no_grad inside forward), so Grad-CAM "
+                                    "cannot run; use occlusion.")
+        (gradients,) = torch.autograd.grad(logits[:, target].sum(), activations)
     size = tuple(inputs.shape[-2:])
-    activations = feature_map(saved[0].detach(), size, layer_name)
+    activations = feature_map(activations.detach(), size, layer_name)
     gradients = feature_map(gradients, size, layer_name)
     weights = gradients.float().mean(dim=(2, 3), keepdim=True)         # one weight per channel
     coarse = (weights * activations.float()).sum(dim=1, keepdim=True)  # (1, 1, h, w)
@@ -103,10 +91,12 @@ class GradCamMap(LayerVisualization):
                    "maps weighted by the average gradient of the score, upsampled to the image.")
     reference = "https://arxiv.org/abs/1610.02391"
     Params = GradCamParams
+    # Version 2: the default layer is the tensor the head pools (after its activation).
+    version = 2
 
     def compute(self, model: "LoadedModel", batch: "torch.Tensor", target: TargetInfo,
                 params: GradCamParams, context: RunContext) -> Attribution:
         inputs = as_model_input(batch.detach().clone())
         values = grad_cam_map(model, inputs, target.index, params.layer, params.relu, context)
-        return Attribution((Panel(f"Grad-CAM for {target.label} at {params.layer}",
+        return Attribution((Panel(f"Grad-CAM for {target.label} at {layer_label(params.layer)}",
                                   to_map(values), signed=not params.relu, target=target),))

@@ -132,6 +132,7 @@ class OcclusionMap(Visualization):
                    "it helps.")
     reference = "https://arxiv.org/abs/1311.2901"
     Params = OcclusionParams
+    version = 1
 
     def resolve(self, params: Any, meta: "ModelMeta") -> OcclusionParams:
         return resolve_window(params, meta)

@@ -6,14 +6,21 @@ Unlike ``occlusion`` (a fine, signed map of the drop for one class), this shows 
 class of the *probability itself* with each cell hidden, all on one shared 0-1 scale, so
 classes can be compared: where the map is dark, hiding that cell takes the class away. A
 picture of the grid with one example occluded cell shows what the model was given.
+
+Each pixel shows the probability with its nearest window hidden. That is only a measurement for
+that pixel when the windows cover the whole image (then the nearest window always covers it), so
+settings whose windows leave gaps -- e.g. 2 positions of a 0.1 window, which hide 4 % of the
+image -- are refused with ``E_BAD_PARAMETER``, naming the settings that would cover it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.errors import BadParameter
 from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization, param
 from visualizations.common import as_model_input, model_view_rgb
 from visualizations.occlusion import FILLS, fill_image, occluded_probabilities
@@ -45,6 +52,46 @@ def grid_starts(length: int, window: int, positions: int) -> list[int]:
     return [int(round(value)) for value in np.linspace(0, length - window, positions)]
 
 
+def window_side(fraction: float, length: int) -> int:
+    return max(1, round(fraction * length))
+
+
+def covers(length: int, window: int, positions: int) -> bool:
+    """Whether ``positions`` windows of ``window`` pixels, spread by :func:`grid_starts`, hide
+    every pixel of an axis of ``length`` pixels at least once."""
+    starts = grid_starts(length, window, positions)
+    return starts[0] == 0 and starts[-1] + window >= length and \
+        all(later - earlier <= window for earlier, later in zip(starts, starts[1:]))
+
+
+def check_coverage(params: "PartialOcclusionParams", size: tuple[int, int]) -> None:
+    """Refuse settings whose windows leave pixels that no window hides (E_BAD_PARAMETER)."""
+    def covered(fraction: float, positions: int) -> bool:
+        return all(covers(length, window_side(fraction, length), positions) for length in size)
+
+    if covered(params.window_fraction, params.positions):
+        return
+    spec = {f.name: f.metadata for f in dataclasses.fields(PartialOcclusionParams)}
+    most_positions = int(spec["positions"]["max"])
+    enough_positions = next((n for n in range(params.positions, most_positions + 1)
+                             if covered(params.window_fraction, n)), None)
+    fractions = np.arange(round(params.window_fraction, 2), spec["window_fraction"]["max"] + 1e-9,
+                          0.01)
+    enough_fraction = next((float(f) for f in fractions if covered(float(f), params.positions)),
+                           None)
+    options = []
+    if enough_positions is not None:
+        options.append(f"at least {enough_positions} positions")
+    if enough_fraction is not None:
+        options.append(f"a window fraction of at least {enough_fraction:.2f}")
+    raise BadParameter(
+        f"{params.positions} positions of a {params.window_fraction:g} window leave parts of the "
+        f"image that no window hides, so the map would show values nobody measured; use "
+        f"{' or '.join(options)}.",
+        fields={"positions": "too few to cover the image with this window",
+                "window_fraction": "too small to cover the image with these positions"})
+
+
 def nearest_cell(length: int, starts: list[int], window: int) -> np.ndarray:
     """For each pixel along an axis, the index of the window whose centre is nearest."""
     centres = np.asarray(starts, dtype=np.float64) + window / 2.0
@@ -73,6 +120,12 @@ class PartialOcclusionMap(Visualization):
                    "image takes the class away.")
     reference = "https://arxiv.org/abs/1311.2901"
     Params = PartialOcclusionParams
+    # Version 2: settings whose windows leave pixels unhidden are refused.
+    version = 2
+
+    def resolve(self, params: Any, meta: "ModelMeta") -> PartialOcclusionParams:
+        check_coverage(params, meta.input_size)
+        return params
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return 1 + params.positions ** 2
@@ -81,8 +134,9 @@ class PartialOcclusionMap(Visualization):
                 params: PartialOcclusionParams, context: RunContext) -> Attribution:
         inputs = as_model_input(batch.detach())
         height, width = inputs.shape[-2:]
-        window_h = max(1, round(params.window_fraction * height))
-        window_w = max(1, round(params.window_fraction * width))
+        check_coverage(params, (height, width))      # the batch may differ from the meta's size
+        window_h = window_side(params.window_fraction, height)
+        window_w = window_side(params.window_fraction, width)
         rows = grid_starts(height, window_h, params.positions)
         columns = grid_starts(width, window_w, params.positions)
         windows = [(top, left) for top in rows for left in columns]

@@ -6,6 +6,10 @@ largest absolute gradient over colour channels. Optional SmoothGrad (Smilkov et 
 https://arxiv.org/abs/1706.03825) averages the absolute gradients of noisy copies of the image,
 which removes much of the high-frequency speckle of raw gradients.
 
+SmoothGrad with 16 samples is the default: on the pointing game of
+``tests/visualizations/test_pointing_game.py`` it hit 14 of 16 targets, the plain gradient 10
+(numbers in the README), for 16 forward and backward passes instead of one.
+
 Caveat: gradients say how the logit changes for tiny pixel changes, not what the model "uses";
 they saturate for confident predictions.
 """
@@ -27,7 +31,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SaliencyParams:
-    smoothgrad_samples: int = param(0, label="SmoothGrad samples", min=0, max=64,
+    smoothgrad_samples: int = param(16, label="SmoothGrad samples", min=0, max=64,
                                     help="Noisy copies averaged (SmoothGrad); 0 = plain gradient.")
     smoothgrad_noise: float = param(0.15, label="SmoothGrad noise", min=0.01, max=1.0,
                                     help="Noise standard deviation as a fraction of the image's "
@@ -44,6 +48,8 @@ class SaliencyMap(Visualization):
     display_clip_percentile = 99.5     # display only: outlier pixels saturate
     display_smoothed_view = True
     Params = SaliencyParams
+    # Version 2: SmoothGrad (16 samples) is the default, chosen on the pointing game.
+    version = 2
 
     def cost(self, params: Any, meta: "ModelMeta") -> int:
         return max(1, params.smoothgrad_samples)

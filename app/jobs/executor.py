@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, Iterator
 from app.errors import Busy, Cancelled
 from app.jobs.record import CANCELLED, QUEUED, RUNNING, Job
 from app.jobs.spec import JobSpec
-from app.jobs.visualize import VisualizeRun, finish_job, start_job
+from app.jobs.kinds import make_run
+from app.jobs.running import finish_job, start_job
 from app.retention import Retention
 
 if TYPE_CHECKING:
-    from app.services import Services
+    from app.jobs.resources import JobResources
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Executor:
     MAX_ACTIVE = 4          # jobs interleaved at once; the rest wait in the queue, in order
     TURN_S = 0.5            # a long step lets the other running jobs take a turn this often
 
-    def __init__(self, services: "Services") -> None:
+    def __init__(self, services: "JobResources") -> None:
         self.services = services
         self.settings = services.settings
         self.catalog = services.catalog
@@ -201,8 +202,8 @@ class Executor:
             log.exception("job %s could not be recorded", job.id[:8])
             self.jobs.forget(job)
             return None
-        run = VisualizeRun(self.services, job, stopping=self._stopping.is_set,
-                           offer_turn=self._offer_turns)
+        run = make_run(self.services, job, stopping=self._stopping.is_set,
+                       offer_turn=self._offer_turns)
         return _Running(job, run.steps())
 
     def _take_turn(self, running: _Running) -> None:

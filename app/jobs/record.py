@@ -1,6 +1,8 @@
-"""A job's state: statuses, one item per image x method, what prediction found per image, and
-``Job`` itself, which the executor thread writes and HTTP threads read as snapshots. A job is
-saved as one JSON record (``Job.to_record``) at every status change."""
+"""A job's state: statuses, its items (a visualization job has one per image x method), what
+prediction found per image, and ``Job`` itself, which the executor thread writes and HTTP
+threads read as snapshots. A job is saved as one JSON record (``Job.to_record``) at every status
+change. Kinds without items (an evaluation, a sanity check) report ``fraction`` done and name
+their result by ``outcome_key``."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,13 +10,29 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from app.errors import ConvscopeError
-from app.jobs.spec import JobSpec
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 TERMINAL = frozenset({DONE, FAILED, CANCELLED})
+
+
+class Spec(Protocol):
+    """What every kind of job spec offers (``app.jobs.spec.JobSpec`` is the visualization one;
+    ``app.jobs.kinds`` lists them all)."""
+
+    kind: str
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def item_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the job's items: images x methods, or (0, 0) for none."""
+
+
+def cancel_reason_text(stopping: bool) -> str:
+    return ("The server shut down while this job was running; submit it again." if stopping
+            else "The job was cancelled.")
 
 
 def error_dict(error: ConvscopeError | None) -> dict[str, Any] | None:
@@ -44,6 +62,7 @@ class ImageOutcome:
     predictions: list[dict[str, Any]]
     true_label: dict[str, Any] | None
     failure: bool
+    uncertainty: dict[str, Any] | None = None
 
 
 def process_token() -> str:
@@ -89,7 +108,7 @@ def _pid_exists(pid: int) -> bool:
 class Job:
     """A job's mutable state. The executor thread writes it; HTTP threads read snapshots."""
 
-    def __init__(self, job_id: str, spec: JobSpec, *, created: float | None = None) -> None:
+    def __init__(self, job_id: str, spec: Spec, *, created: float | None = None) -> None:
         self.id = job_id
         self.spec = spec
         self.created = created if created is not None else time.time()
@@ -97,14 +116,20 @@ class Job:
         self.finished: float | None = None
         self.status = QUEUED
         self.error: dict[str, Any] | None = None
-        self.items = [JobItem(i, m) for i in range(len(spec.images))
-                      for m in range(len(spec.methods))]
+        rows, columns = spec.item_grid()
+        self.items = [JobItem(row, column) for row in range(rows) for column in range(columns)]
         self.images: dict[int, ImageOutcome] = {}
+        self.fraction = 0.0                     # progress of a kind without items
+        self.outcome_key: str | None = None     # its result in the ResultStore
         self.model_runs = 0
         self.cache_hits = 0
         self.owner = process_token()
         self.cancel_event = threading.Event()
         self.lock = threading.RLock()
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
 
     @property
     def terminal(self) -> bool:
@@ -116,11 +141,11 @@ class Job:
             if self.status == DONE:
                 return 1.0
             if not self.items:
-                return 0.0
+                return self.fraction
             return sum(item.progress for item in self.items) / len(self.items)
 
     def item(self, image_index: int, method_index: int) -> JobItem:
-        return self.items[image_index * len(self.spec.methods) + method_index]
+        return self.items[image_index * self.spec.item_grid()[1] + method_index]
 
     def finish(self, status: str, error: ConvscopeError | dict[str, Any] | None = None) -> None:
         with self.lock:
@@ -134,22 +159,26 @@ class Job:
 
     def to_record(self) -> dict[str, Any]:
         with self.lock:
-            return {"id": self.id, "status": self.status, "error": self.error,
+            return {"id": self.id, "kind": self.kind, "status": self.status, "error": self.error,
                     "created": self.created, "started": self.started, "finished": self.finished,
                     "progress": self.progress, "model_runs": self.model_runs,
                     "cache_hits": self.cache_hits, "owner": self.owner,
+                    "fraction": self.fraction, "outcome_key": self.outcome_key,
                     "spec": self.spec.to_dict(),
                     "items": [dataclasses.asdict(item) for item in self.items],
                     "images": {str(index): dataclasses.asdict(outcome)
                                for index, outcome in self.images.items()}}
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "Job":
-        job = cls(record["id"], JobSpec.from_dict(record["spec"]), created=record["created"])
+    def from_record(cls, record: Mapping[str, Any], spec: Spec) -> "Job":
+        """The job a record describes; ``spec`` is its parsed spec (``app.jobs.kinds``)."""
+        job = cls(record["id"], spec, created=record["created"])
         job.status, job.error = record["status"], record["error"]
         job.started, job.finished = record["started"], record["finished"]
         job.model_runs, job.cache_hits = record["model_runs"], record["cache_hits"]
         job.owner = record.get("owner", "")
+        job.fraction = float(record.get("fraction", 0.0))
+        job.outcome_key = record.get("outcome_key")
         job.items = [JobItem(**item) for item in record["items"]]
         job.images = {int(index): ImageOutcome(**outcome)
                       for index, outcome in record["images"].items()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from app.pipeline import MethodRequest, ModelIdentity
 
@@ -21,6 +21,11 @@ class JobSpec:
     methods: tuple[MethodRequest, ...]
     targets: tuple[int | str, ...]            # app.pipeline.PREDICTED or a class index
     true_labels: Mapping[str, int]            # image id -> class index
+
+    kind: ClassVar[str] = "visualize"
+
+    def item_grid(self) -> tuple[int, int]:
+        return len(self.images), len(self.methods)
 
     @property
     def model(self) -> ModelIdentity:

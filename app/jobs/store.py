@@ -14,9 +14,10 @@ import re
 import secrets
 import threading
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from app.errors import Cancelled, NotFound, ResultExpired
-from app.jobs.record import CANCELLED, Job, owner_alive
+from app.jobs.record import CANCELLED, Job, Spec, owner_alive
 from app.stores import DirectoryIndex, Tombstones, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,11 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 class JobStore:
     """Live jobs of this process in memory; every job also as ``<id>.json`` on disk."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, spec_from_record: Callable[[Mapping[str, Any]], Spec]) -> None:
+        """``spec_from_record`` parses a record's spec by its kind (``app.jobs.kinds``); it is
+        passed in so this module needs none of the kinds' run code."""
         self.root = Path(root)
+        self._spec_from_record = spec_from_record
         self.root.mkdir(parents=True, exist_ok=True)
         self.tombstones = Tombstones(self.root, _JOB_ID)
         # Records of jobs that are not live here (finished, or run by another server process).
@@ -115,7 +119,8 @@ class JobStore:
                 raise ResultExpired("This job has expired and was removed; submit it again.")
             raise NotFound("There is no job with this id.")
         try:
-            job = Job.from_record(json.loads(path.read_text("utf-8")))
+            record = json.loads(path.read_text("utf-8"))
+            job = Job.from_record(record, self._spec_from_record(record))
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("job record %s is unreadable", job_id)
             raise NotFound("There is no job with this id.") from None

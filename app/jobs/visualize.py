@@ -1,10 +1,6 @@
 """Running one visualization job: per image, a prediction, then one item per method, each
 target answered from the ``ResultStore`` when it was computed before, else computed through
-``app.pipeline`` and stored. The model is loaded only if something is not already stored.
-
-``run_job`` is what every backend calls -- the embedded executor thread today, a remote worker
-later -- with the process's ``Services``; it records the job's final status whatever happens.
-"""
+``app.pipeline`` and stored. The model is loaded only if something is not already stored."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from app.errors import Cancelled, ConvscopeError, Internal, UnknownModel
 from app.jobs.record import (CANCELLED, DONE, FAILED, RUNNING, ImageOutcome, Job, JobItem,
-                             error_dict)
+                             cancel_reason_text, error_dict)
 from app.pipeline import (MethodRequest, StoredInputs, image_targets, predict, prediction_key,
                           visualization_key, visualize)
 from visualizations.base import hook_ids
@@ -21,79 +17,9 @@ from visualizations.context import RunContext
 
 if TYPE_CHECKING:
     from model_adapters.base import LoadedModel
-    from app.services import Services
+    from app.jobs.resources import JobResources
 
 log = logging.getLogger(__name__)
-
-
-def cancel_reason_text(stopping: bool) -> str:
-    return ("The server shut down while this job was running; submit it again." if stopping
-            else "The job was cancelled.")
-
-
-def start_job(services: "Services", job: Job) -> bool:
-    """Mark ``job`` running and save it; False when it was cancelled before it could start."""
-    with job.lock:
-        if job.terminal:        # cancelled after it was taken from the queue
-            return False
-        job.status, job.started = RUNNING, time.time()
-    services.jobs.save(job)
-    log.info("job %s started: %d images x %d methods", job.id[:8], len(job.spec.images),
-             len(job.spec.methods))
-    return True
-
-
-def finish_job(services: "Services", job: Job, error: BaseException | None, *,
-               stopping: Callable[[], bool]) -> None:
-    """Record how a started job ended: ``error`` is what stopped its run (None: it ran out)."""
-    try:
-        if isinstance(error, Cancelled):
-            job.finish(CANCELLED, Cancelled(cancel_reason_text(stopping())))
-        elif isinstance(error, ConvscopeError):
-            job.finish(FAILED, error)
-        elif error is not None:
-            log.error("job %s failed unexpectedly", job.id[:8],
-                      exc_info=(type(error), error, error.__traceback__))
-            job.finish(FAILED, Internal("The job failed unexpectedly; the server log has "
-                                        "details."))
-        else:
-            failed = [item for item in job.items if item.status == FAILED]
-            if failed:
-                job.finish(FAILED, {"code": failed[0].error["code"] if failed[0].error
-                                    else "E_INTERNAL",
-                                    "message": f"{len(failed)} of {len(job.items)} "
-                                               "visualizations failed; see each for the reason."})
-            else:
-                job.finish(DONE)
-    finally:
-        _release_device_memory()
-        services.jobs.clear_cancel_request(job)
-        services.jobs.save(job)
-    log.info("job %s %s (model runs %d, cache hits %d)", job.id[:8], job.status,
-             job.model_runs, job.cache_hits)
-
-
-def run_job(services: "Services", job: Job, *, stopping: Callable[[], bool]) -> None:
-    """Run ``job`` from start to a recorded end in one go (``stopping``: whether this process
-    is shutting down, which cancels the job at its next check)."""
-    if not start_job(services, job):
-        return
-    error: BaseException | None = None
-    try:
-        VisualizeRun(services, job, stopping=stopping).run()
-    except Exception as raised:  # noqa: BLE001 -- recorded by finish_job
-        error = raised
-    finish_job(services, job, error, stopping=stopping)
-
-
-def _release_device_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 -- best effort only
-        pass
 
 
 class VisualizeRun:
@@ -107,7 +33,7 @@ class VisualizeRun:
 
     CHECKPOINT_S = 1.0
 
-    def __init__(self, services: "Services", job: Job, *,
+    def __init__(self, services: "JobResources", job: Job, *,
                  stopping: Callable[[], bool] = lambda: False,
                  offer_turn: Callable[[], None] | None = None) -> None:
         self.services = services
@@ -185,11 +111,13 @@ class VisualizeRun:
     def _predict(self, image_index: int, image_id: str) -> tuple[ImageOutcome, Any]:
         results = self.services.results
         top_k = self.services.settings.top_k
-        key = prediction_key(image_id, self.spec.model, top_k)
+        with_uncertainty = self.services.settings.uncertainty
+        key = prediction_key(image_id, self.spec.model, top_k, with_uncertainty)
         stored = results.get(key)
         if stored is None:
             model = self.model()
-            inputs = predict(model, self.services.images.open(image_id), top_k)
+            inputs = predict(model, self.services.images.open(image_id), top_k,
+                             with_uncertainty=with_uncertainty)
             stored = results.put(key, {**inputs.record(), "image": image_id,
                                        "checkpoint_sha256": self.spec.checkpoint_sha256},
                                  inputs.files())
@@ -205,7 +133,8 @@ class VisualizeRun:
             true_label = {"index": true_index, "label": self._meta().class_names[true_index],
                           "probability": float(inputs.probabilities[true_index])}
         outcome = ImageOutcome(key, predicted, list(stored.record["predictions"]), true_label,
-                               failure=true_index is not None and true_index != predicted)
+                               failure=true_index is not None and true_index != predicted,
+                               uncertainty=stored.record.get("uncertainty"))
         with self.job.lock:
             self.job.images[image_index] = outcome
         self.services.jobs.save(self.job)

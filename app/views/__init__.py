@@ -17,6 +17,7 @@ def isotime(timestamp: float | None) -> str:
 def init_app(app: Flask, settings: Any) -> None:
     from app.version import __version__
     from app.views.api import api
+    from app.views.evaluations import evaluations, evaluations_api
     from app.views.pages import pages
     from app.views.samples import init_app as init_samples
 
@@ -24,4 +25,6 @@ def init_app(app: Flask, settings: Any) -> None:
     app.jinja_env.globals["version"] = __version__
     app.register_blueprint(pages)
     app.register_blueprint(api)
+    app.register_blueprint(evaluations)
+    app.register_blueprint(evaluations_api)
     init_samples(app, settings)

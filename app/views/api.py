@@ -2,13 +2,16 @@
 ``{"error": {...}}`` responses by ``app.http_errors``; no route builds an error body itself."""
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
-from flask import (Blueprint, Response, current_app, jsonify, request, send_file, url_for)
+from flask import (Blueprint, Response, current_app, jsonify, redirect, request, send_file,
+                   url_for)
 
-from app.version import __version__
-from app.errors import BadRequest, NotFound, NotReady
+from app.errors import BadRequest, NotFound, NotReady, PayloadTooLarge
 from app.services import services
+from app.version import __version__
 from app.http_errors import coded_error
 from app.views.job_requests import parse_job_request
 from app.views.presenters import job_view, model_detail, model_summary
@@ -25,21 +28,32 @@ def _services():
     return services(current_app)
 
 
+def _open_to_everyone() -> bool:
+    """Probes answer without a token: with authentication on, they say no more than needed."""
+    return not _services().settings.auth_enabled
+
+
 @api.get("/health")
 def health() -> Response:
-    """Liveness: cheap, never touches a model."""
+    """Liveness: cheap, never touches a model. Version and device only without authentication
+    (they would help someone who cannot sign in to pick an exploit)."""
+    if not _open_to_everyone():
+        return jsonify(status="ok")
     return jsonify(status="ok", version=__version__, device=str(_services().device))
 
 
 @api.get("/ready")
 def ready() -> Response:
-    """Readiness: 503 until the catalog is scanned and the executor runs, and while stopping."""
+    """Readiness: 503 until the catalog is scanned and the executor runs, and while stopping.
+    The queue length only without authentication (it tells outsiders how busy the team is)."""
     executor = _services().executor
     if executor.stopping:
         raise NotReady("The server is shutting down.", headers={"Retry-After": "5"})
     if not executor.ready:
         raise NotReady("The server is starting; try again shortly.",
                        headers={"Retry-After": "1"})
+    if not _open_to_everyone():
+        return jsonify(status="ready")
     return jsonify(status="ready", queued=executor.queued())
 
 
@@ -98,14 +112,45 @@ def image(image_id: str) -> Response:
     return response
 
 
+# A job is a few hundred bytes of JSON nested four levels deep; anything far beyond that is not
+# a job, and a deep enough nesting would exhaust Python's recursion limit while parsing.
+MAX_JSON_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 32
+
+
 def _json_body() -> Any:
+    """The request's JSON body, or a 4xx with a code for anything else (never a 500)."""
     if not request.is_json:
         raise coded_error("E_UNSUPPORTED_MEDIA_TYPE", 415,
                           "Send the job as JSON (Content-Type: application/json).")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise BadRequest("The request body is not valid JSON.")
-    return body
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        raise PayloadTooLarge(f"A job must be at most {MAX_JSON_BYTES // 1024} KiB of JSON.")
+    raw = request.get_data(cache=True)
+    if len(raw) > MAX_JSON_BYTES:
+        raise PayloadTooLarge(f"A job must be at most {MAX_JSON_BYTES // 1024} KiB of JSON.")
+    if json_nesting_depth(raw) > MAX_JSON_DEPTH:
+        raise BadRequest(f"The JSON is nested more than {MAX_JSON_DEPTH} levels deep.")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):     # UnicodeDecodeError is a ValueError
+        raise BadRequest("The request body is not valid JSON.") from None
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_nesting_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in ``raw`` (brackets inside strings do not count);
+    a linear scan, so malformed input is measured as well as valid input."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
 
 
 @api.post("/jobs")
@@ -122,12 +167,17 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 @api.get("/jobs/<job_id>")
 def job(job_id: str) -> Response:
     svc = _services()
-    return jsonify(job_view(svc.jobs.get(job_id), svc))
+    found = svc.jobs.get(job_id)
+    if found.kind == "evaluate":        # dataset mode has its own view of its jobs
+        return redirect(url_for("evaluations_api.evaluation", job_id=job_id), code=303)
+    return jsonify(job_view(found, svc))
 
 
 @api.delete("/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
     svc = _services()
+    if svc.jobs.get(job_id).kind == "evaluate":
+        return redirect(url_for("evaluations_api.cancel_evaluation", job_id=job_id), code=307)
     return jsonify(job_view(svc.executor.cancel(job_id), svc))
 
 

@@ -15,6 +15,11 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 
+# The keys of one entry of "visualizations"; anything else is a typo the user should hear about
+# (an ignored "param" would silently run the defaults).
+_VISUALIZATION_KEYS = frozenset({"name", "params"})
+
+
 def _limited_list(payload: Mapping[str, Any], name: str, limit: int, *,
                   required: bool = True) -> list[Any]:
     value = payload.get(name)
@@ -85,6 +90,13 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
         if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
             raise BadRequest("Each visualization must be an object with a \"name\".",
                              fields={"visualizations": "[{\"name\", \"params\"}]"})
+        unknown_keys = sorted(set(raw) - _VISUALIZATION_KEYS, key=str)
+        if unknown_keys:
+            shown = str(unknown_keys[0])[:40]
+            raise BadRequest(f"Unknown field {shown!r} in a visualization; known: "
+                             f"{', '.join(sorted(_VISUALIZATION_KEYS))}.",
+                             fields={f"visualizations.{str(key)[:40]}": "unknown field"
+                                     for key in unknown_keys[:5]})
         visualization = visualizations.get(raw["name"])
         request = method_request(visualization, raw.get("params") or {}, meta)
         if request.cost > settings.max_cost:

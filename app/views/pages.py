@@ -172,9 +172,12 @@ def _results_context(view: dict[str, Any]) -> dict[str, Any]:
 
 
 @pages.get("/jobs/<job_id>")
-def job(job_id: str) -> str:
+def job(job_id: str) -> str | Response:
     svc = _services()
-    view = job_view(svc.jobs.get(job_id), svc)
+    found = svc.jobs.get(job_id)
+    if found.kind == "evaluate":        # dataset mode has its own page for its jobs
+        return redirect(url_for("evaluations.evaluation", job_id=job_id), code=303)
+    view = job_view(found, svc)
     return render_template("pages/job.html", finished=view["status"] in TERMINAL,
                            **_results_context(view))
 
@@ -207,7 +210,10 @@ def job_results_view(job_id: str, view_id: str) -> str | Response:
     methods or of a method across the images -- as a page (the grid's links without
     JavaScript) or, with ``?fragment=1``, as the section the job page's script opens in place."""
     svc = _services()
-    view = job_view(svc.jobs.get(job_id), svc)
+    found = svc.jobs.get(job_id)
+    if found.kind == "evaluate":
+        raise NotFound("An evaluation has no such view.", fields={"view": view_id[:80]})
+    view = job_view(found, svc)
     if view["status"] not in TERMINAL:
         return redirect(url_for("pages.job", job_id=job_id), code=303)
     context = _results_context(view)

@@ -112,6 +112,7 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
             "true_label": outcome["true_label"] if outcome else None,
             "failure": bool(outcome and outcome["failure"]),
             "predictions": outcome["predictions"] if outcome else [],
+            "uncertainty": outcome.get("uncertainty") if outcome else None,
             "visualizations": visualizations})
     return {"id": job.id, "status": record["status"], "progress": round(record["progress"], 4),
             "error": record["error"], "expired": expired, "url": url_for("pages.job", job_id=job.id),

@@ -1,4 +1,4 @@
-"""The default CAM layer is "the last spatial layer before global pooling" for every torchvision
+"""The default CAM layer is the tensor the head pools (after its activation) for every torchvision
 CNN classifier; transformers get grid-shaped layers only (ViT: the last block's ln_1)."""
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import torch
 import torchvision
 from torch import nn
 
-from model_adapters.cam_layers import TRANSFORMER_REASON, find_cam_layers, token_grid
+from model_adapters.cam_layers import (POOLED_LAYER, TRANSFORMER_REASON, find_cam_layers,
+                                       token_grid)
 from model_adapters.loading import loaded_model_from_module
 from model_adapters.torchvision_builds import build, default_preprocess
 from tests.adapters.conftest import TinyNet
 
-# Family prefix -> the module whose output feeds the classifier's global pooling.
+# Family prefix -> the module whose output the classifier's global pooling reads (DenseNet: no
+# module outputs it, its final ReLU is functional, so the pooled tensor itself).
 EXPECTED_DEFAULT = {
-    "alexnet": "features", "vgg": "features", "densenet": "features",
+    "alexnet": "features", "vgg": "features", "densenet": POOLED_LAYER,
     "mobilenet_v2": "features", "mobilenet_v3": "features", "efficientnet": "features",
     "convnext": "features", "resnet": "layer4", "resnext": "layer4", "wide_resnet": "layer4",
     "regnet": "trunk_output", "inception_v3": "Mixed_7c", "googlenet": "inception5b",
@@ -70,8 +72,10 @@ def test_layers_are_in_forward_order_and_shared_modules_are_dropped() -> None:
             return self.fc(self.pool(x).flatten(1))
 
     cam = find_cam_layers(Shared().eval(), (16, 16))
-    assert cam.layers == ("stem", "body.0", "body.1", "body")
-    assert cam.default == "body"
+    # "body" ends in batch norm: the head pools the shared ReLU's second output, which no
+    # module name identifies, so the pooled tensor itself is offered and is the default.
+    assert cam.layers == ("stem", "body.0", "body.1", "body", POOLED_LAYER)
+    assert cam.default == POOLED_LAYER
 
 
 def test_pooling_layers_are_listed_but_never_the_default() -> None:

@@ -118,7 +118,7 @@ def test_console_script_checks_the_demo_by_default() -> None:
     [row] = report["checkpoints"]
     assert row["ok"] and row["latest"] and row["architecture"] == "efficientnet-lite0"
     assert row["num_classes"] == 1000 and row["input_size"] == [3, 224, 224]
-    assert row["cam_layer"] == "_bn1" and row["parameters"] == 4652008
+    assert row["cam_layer"] == "@pooled" and row["parameters"] == 4652008
 
     human = subprocess.run([str(script), "check"], capture_output=True, text=True, env=env,
                            timeout=300, cwd=REPO)

@@ -35,7 +35,7 @@ def test_demo_meta_and_images(demo_model) -> None:  # type: ignore[no-untyped-de
     assert (meta.input_size, meta.resize, meta.mean, meta.std) == ((224, 224), 256, (0.5,) * 3,
                                                                    (0.5,) * 3)
     assert meta.class_names[281] == "tabby"
-    assert meta.default_cam_layer == "_bn1" and "_conv_head" in meta.cam_layers
+    assert meta.default_cam_layer == "@pooled" and "_conv_head" in meta.cam_layers
     images = sorted(path.name for path in (demo_directory() / "images").glob("*.jpg"))
     assert images == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "grace_hopper.jpg",
                       "rocket.jpg"]

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from app.errors import NotFound, ResultExpired
+from app.jobs.kinds import spec_from_record
 from app.jobs.store import JobStore
 from app.retention import Retention
 from app.stores import ImageStore, ResultStore, result_key
@@ -21,7 +22,7 @@ KIB = 1024
 @pytest.fixture
 def stores(tmp_path):
     return (ImageStore(tmp_path / "images"), ResultStore(tmp_path / "results"),
-            JobStore(tmp_path / "jobs"))
+            JobStore(tmp_path / "jobs", spec_from_record))
 
 
 def _result(results: ResultStore, name: str, size: int, age_s: float = 0.0) -> str:

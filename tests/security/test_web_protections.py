@@ -160,13 +160,18 @@ def _form_post_routes(app) -> list[str]:
     return sorted(rules)
 
 
+# Every form route (dataset mode's too); each is posted below without a valid token.
+FORM_ROUTES = ["/", "/datasets", "/evaluations/<job_id>/cancel", "/evaluations/<job_id>/explain",
+               "/jobs/<job_id>/cancel", "/login", "/logout"]
+
+
 def test_the_form_routes_are_the_ones_this_test_knows(make_app):
     app = make_app(auth_token=TOKEN, wait=False)
     # A new form route must be added to the CSRF table below.
-    assert _form_post_routes(app) == ["/", "/jobs/<job_id>/cancel", "/login", "/logout"]
+    assert _form_post_routes(app) == FORM_ROUTES
 
 
-@pytest.mark.parametrize("rule", ["/", "/jobs/<job_id>/cancel", "/login", "/logout"])
+@pytest.mark.parametrize("rule", FORM_ROUTES)
 def test_every_form_post_needs_the_session_csrf_token(make_app, rule):
     app = make_app(auth_token=TOKEN)
     victim = app.test_client()

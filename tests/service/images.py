@@ -169,3 +169,38 @@ def palette_png_with_transparency() -> bytes:
     image.putpalette([0, 255, 0] + list(RED) + [0, 0, 0] * 254)
     image.paste(1, (8, 0, 16, 8))
     return encode(image, "PNG", transparency=0)
+
+
+# --- colour profiles and ancillary data ------------------------------------------------------
+
+def srgb_profile_with_red_and_blue_swapped() -> bytes:
+    """littlecms's sRGB profile with the red and blue colorant tags pointing at each other's
+    data: an image tagged with it means blue by what its red channel says (and the other way
+    round), so a converter that applies it turns pure red into sRGB blue."""
+    from PIL import ImageCms
+
+    profile = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", profile[128:132])[0]
+    entries = {bytes(profile[132 + 12 * i:136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    red, blue = entries[b"rXYZ"], entries[b"bXYZ"]
+    profile[red + 4:red + 12], profile[blue + 4:blue + 12] = (profile[blue + 4:blue + 12],
+                                                              profile[red + 4:red + 12])
+    return bytes(profile)
+
+
+def png_chunk_types(data: bytes) -> list[bytes]:
+    """The chunk types of a PNG, in order."""
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    types, offset = [], 8
+    while offset < len(data):
+        length = struct.unpack(">I", data[offset:offset + 4])[0]
+        types.append(data[offset + 4:offset + 8])
+        offset += 12 + length
+    return types
+
+
+def lab_tiff(size=(48, 40), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, size[0], dtype=np.uint8)    # lightness left to right
+    return encode(Image.frombytes("LAB", size, pixels.tobytes()), "TIFF")

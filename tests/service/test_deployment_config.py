@@ -21,7 +21,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 def load_conf(monkeypatch, **env: str) -> dict:
     for name in ("CONVSCOPE_BIND", "CONVSCOPE_WORKERS", "CONVSCOPE_THREADS",
                  "CONVSCOPE_GRACEFUL_TIMEOUT", "CONVSCOPE_WORKER_TIMEOUT", "CONVSCOPE_KEEPALIVE",
-                 "CUDA_VISIBLE_DEVICES"):
+                 "CONVSCOPE_READ_TIMEOUT", "CONVSCOPE_MAX_CONNECTIONS", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CONVSCOPE_DEVICE", "cpu")
     for name, value in env.items():
@@ -38,9 +38,11 @@ def settings_of(namespace: dict) -> dict:
 
 def test_defaults_are_the_production_choices(monkeypatch):
     conf = load_conf(monkeypatch)
-    assert conf["wsgi_app"] == "app:create_app()"
-    assert conf["worker_class"] == "gthread"
-    assert conf["workers"] == 1 and conf["threads"] >= 4
+    assert conf["wsgi_app"] == "app.asgi:create_asgi_app()"
+    # The asyncio worker: slow clients wait on the event loop, never in an HTTP thread.
+    assert conf["worker_class"] == "app.gunicorn_worker.ConvscopeWorker"
+    assert conf["workers"] == 1 and conf["threads"] == 1
+    assert conf["worker_connections"] == 1000 and conf["keepalive"] == 5
     assert conf["preload_app"] is False            # no torch/CUDA in the master
     assert conf["control_socket_disable"] is True  # == --no-control-socket
     assert conf["bind"] == ["127.0.0.1:8000"]      # loopback unless asked
@@ -56,23 +58,49 @@ def test_every_setting_is_a_real_gunicorn_setting_with_a_valid_value(monkeypatch
     for name, value in settings_of(conf).items():
         assert name in config.settings, f"{name} is not a gunicorn setting (typo?)"
         config.set(name, value)  # runs gunicorn's validator
-    hooks = {"pre_fork", "post_fork", "post_request", "worker_exit"}
+    hooks = {"pre_fork", "post_fork", "worker_exit"}
     assert hooks <= set(conf) and all(name in config.settings for name in hooks)
 
 
 def test_environment_overrides(monkeypatch):
     conf = load_conf(monkeypatch, CONVSCOPE_BIND="0.0.0.0:9000", CONVSCOPE_WORKERS="3",
-                     CONVSCOPE_THREADS="16", CONVSCOPE_GRACEFUL_TIMEOUT="45",
-                     CONVSCOPE_KEEPALIVE="2")
+                     CONVSCOPE_GRACEFUL_TIMEOUT="45", CONVSCOPE_KEEPALIVE="2",
+                     CONVSCOPE_MAX_CONNECTIONS="50")
     assert conf["bind"] == ["0.0.0.0:9000"]
-    assert (conf["workers"], conf["threads"], conf["graceful_timeout"]) == (3, 16, 45)
-    assert conf["keepalive"] == 2
+    assert (conf["workers"], conf["graceful_timeout"]) == (3, 45)
+    assert conf["keepalive"] == 2 and conf["worker_connections"] == 50
 
 
+@pytest.mark.parametrize("name", ["CONVSCOPE_WORKERS", "CONVSCOPE_THREADS",
+                                  "CONVSCOPE_DRAIN_MAX_MB", "CONVSCOPE_MAX_CONNECTIONS"])
 @pytest.mark.parametrize("value", ["many", "0", "-2", "1.5"])
-def test_bad_numbers_stop_startup_with_a_message(monkeypatch, value):
-    with pytest.raises(SystemExit, match="CONVSCOPE_WORKERS"):
-        load_conf(monkeypatch, CONVSCOPE_WORKERS=value)
+def test_bad_numbers_stop_startup_with_a_message(monkeypatch, name, value):
+    with pytest.raises(SystemExit, match=name):
+        load_conf(monkeypatch, **{name: value})
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "7200"])
+def test_bad_read_timeouts_stop_startup(monkeypatch, value):
+    with pytest.raises(SystemExit, match="CONVSCOPE_READ_TIMEOUT"):
+        load_conf(monkeypatch, CONVSCOPE_READ_TIMEOUT=value)
+
+
+def test_the_bridge_is_sized_by_the_same_variables(monkeypatch):
+    import app
+    from app.asgi import create_asgi_app
+    from flask import Flask
+
+    flask_app = Flask("sized")
+    flask_app.config["MAX_CONTENT_LENGTH"] = 512 * 1024
+    monkeypatch.setattr(app, "create_app", lambda test_config=None: flask_app)
+    monkeypatch.setenv("CONVSCOPE_THREADS", "3")
+    monkeypatch.setenv("CONVSCOPE_READ_TIMEOUT", "7.5")
+    monkeypatch.setenv("CONVSCOPE_DRAIN_MAX_MB", "2")
+    bridge = create_asgi_app()
+    assert bridge.flask_app is flask_app
+    assert bridge.pool._max_workers == 3 and bridge.read_timeout == 7.5
+    assert bridge.drain_max_bytes == 2 * 1024 * 1024
+    assert bridge.max_body == 512 * 1024             # the app's MAX_CONTENT_LENGTH
 
 
 # --- one worker per device, counted without touching CUDA ----------------------------------
@@ -136,9 +164,12 @@ def test_each_worker_gets_its_own_gpu_and_a_replacement_takes_the_free_one(conf)
 def test_worker_exit_cancels_jobs_within_the_grace_period(conf):
     calls = []
     services = SimpleNamespace(shutdown=lambda timeout: calls.append(timeout))
-    worker = SimpleNamespace(wsgi=SimpleNamespace(extensions={"convscope": services}))
+    flask_app = SimpleNamespace(extensions={"convscope": services})
+    worker = SimpleNamespace(asgi=SimpleNamespace(flask_app=flask_app))   # behind the bridge
     conf["worker_exit"](SimpleNamespace(), worker)
     assert len(calls) == 1 and 0 < calls[0] < conf["graceful_timeout"]
+    conf["worker_exit"](SimpleNamespace(), SimpleNamespace(wsgi=flask_app))  # a WSGI worker
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("worker", [SimpleNamespace(), SimpleNamespace(wsgi=None),
@@ -177,6 +208,7 @@ def test_dockerfile_volumes_and_settings():
     assert env["CONVSCOPE_CHECKPOINT_DIR"] == "/checkpoints"
     assert env["CONVSCOPE_DATA_DIR"] == "/data"
     assert env["CONVSCOPE_BIND"] == "0.0.0.0:8000"   # inside the container; publish on loopback
+    assert env["MALLOC_ARENA_MAX"] == "2"            # a flat heap under load (README)
     assert 'VOLUME ["/data"]' in DOCKERFILE
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"convscope-healthcheck\"\]", DOCKERFILE,
                      flags=re.M)
@@ -215,55 +247,30 @@ def test_healthcheck_fails_when_nothing_listens(healthcheck, monkeypatch):
     assert healthcheck.main() == 1
 
 
-# --- draining a refused body (the 413 path; exercised for real in test_gunicorn_server) ----
-
-class FakeBody:
-    def __init__(self, total: int, error_after: int | None = None) -> None:
-        self.left, self.read_so_far, self.error_after = total, 0, error_after
-
-    def read(self, size: int) -> bytes:
-        if self.error_after is not None and self.read_so_far >= self.error_after:
-            raise ConnectionResetError("client went away")
-        size = min(size, self.left)
-        self.left -= size
-        self.read_so_far += size
-        return b"x" * size
 
 
-class FakeSocket:
-    def __init__(self) -> None:
-        self.timeouts = []
-
-    def gettimeout(self):
-        return None
-
-    def settimeout(self, value) -> None:
-        self.timeouts.append(value)
-
-
-def test_discard_reads_the_whole_body_within_bounds(conf):
-    body, sock = FakeBody(5 * 1024 * 1024), FakeSocket()
-    request = SimpleNamespace(body=body, unreader=SimpleNamespace(sock=sock))
-    assert conf["discard_unread_body"](request, max_bytes=8 * 1024 * 1024, seconds=10)
-    assert body.left == 0
-    assert sock.timeouts[-1] is None and all(0 < t <= 10 for t in sock.timeouts[:-1])
+def test_every_variable_the_deployment_reads_is_documented():
+    read = set(re.findall(r"CONVSCOPE_[A-Z_]+", CONF.read_text()))
+    read |= set(re.findall(r"CONVSCOPE_[A-Z_]+", (ROOT / "app" / "asgi.py").read_text()))
+    read |= set(re.findall(r"CONVSCOPE_[A-Z_]+", (ROOT / "app" / "gunicorn_worker.py").read_text()))
+    for document in (ROOT / "docs" / "deploying.md", ROOT / "README.md"):
+        text = document.read_text()
+        missing = sorted(name for name in read if f"`{name}`" not in text)
+        assert not missing, f"{document.name} lacks {missing}"
 
 
-def test_discard_gives_up_past_the_byte_cap_or_on_errors(conf):
-    discard = conf["discard_unread_body"]
-    endless = SimpleNamespace(body=FakeBody(10**12), unreader=None)
-    assert discard(endless, max_bytes=1024 * 1024, seconds=10) is False
-    assert endless.body.read_so_far <= 1024 * 1024 + 64 * 1024
-    broken = SimpleNamespace(body=FakeBody(10**6, error_after=1000), unreader=None)
-    assert discard(broken, max_bytes=10**7, seconds=10) is False
-    assert discard(SimpleNamespace(), max_bytes=1, seconds=1) is True
+def test_the_master_loads_no_torch_flask_or_app_code():
+    """gunicorn imports the worker class and reads the config in the master: neither may pull
+    in torch (CUDA would initialize before the fork) or build the app."""
+    import subprocess
+    import sys
 
-
-def test_post_request_only_drains_after_a_413(conf):
-    body = FakeBody(1000)
-    request = SimpleNamespace(body=body, unreader=None)
-    conf["post_request"](None, request, {}, SimpleNamespace(status_code=201))
-    assert body.left == 1000
-    conf["post_request"](None, request, {}, None)
-    conf["post_request"](None, request, {}, SimpleNamespace(status_code=413))
-    assert body.left == 0
+    script = ("import runpy, sys; runpy.run_path('gunicorn.conf.py'); "
+              "import app.gunicorn_worker, app.asgi; "
+              "print(sorted(m for m in ('torch', 'flask', 'app.factory', 'PIL') "
+              "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin",
+                                                        "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert result.stdout.strip() == "[]", result.stdout

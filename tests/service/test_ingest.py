@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from app import errors
-from app.ingest import (DEFAULT_MAX_PIXELS, MAX_DISPLAY_NAME_CHARS, NEUTRAL_BACKGROUND,
+from app.colour import NEUTRAL_BACKGROUND
+from app.ingest import (DEFAULT_MAX_PIXELS, MAX_DISPLAY_NAME_CHARS,
                         IngestedImage, ingest_image, safe_display_name)
 from tests.service import images
 

@@ -28,9 +28,9 @@ BATCHED = {"integrated_gradients": {"steps": 16}, "occlusion": {"window": 4, "st
            "partial_occlusion": {"positions": 6}, "saliency": {"smoothgrad_samples": 12}}
 
 
-def test_registry_holds_exactly_the_seven_methods() -> None:
+def test_registry_holds_exactly_the_eight_methods() -> None:
     assert METHODS == ["saliency", "integrated_gradients", "occlusion", "partial_occlusion",
-                       "cam", "grad_cam", "guided_grad_cam"]
+                       "cam", "grad_cam", "guided_grad_cam", "adversarial"]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -97,8 +97,8 @@ def test_bad_values_are_bad_parameter_errors(name: str, tiny_model: LoadedModel)
 
 def test_out_of_range_message_names_the_allowed_range(tiny_model: LoadedModel) -> None:
     with pytest.raises(BadParameter) as caught:
-        visualization_registry.get("integrated_gradients").parse_params({"steps": 999})
-    assert "steps" in caught.value.message and "[4, 256]" in caught.value.message
+        visualization_registry.get("integrated_gradients").parse_params({"steps": 9999})
+    assert "steps" in caught.value.message and "[4, 1024]" in caught.value.message
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -119,7 +119,7 @@ def test_cost_grows_with_the_work() -> None:
     partial = visualization_registry.get("partial_occlusion")
     assert partial.cost(partial.parse_params({"positions": 10}), model.meta) == 101
     ig = visualization_registry.get("integrated_gradients")
-    assert ig.cost(ig.parse_params({"steps": 200}), model.meta) == 200
+    assert ig.cost(ig.parse_params({"steps": 200}), model.meta) == 202   # + completeness pass
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 CLASS_NAMES = ("red", "green", "blue")
 
 MODEL_KEYS = {"file", "architecture", "num_classes", "sha256"}
-IMAGE_KEYS = {"file", "predictions", "visualizations"}
+IMAGE_KEYS = {"file", "predictions", "uncertainty", "visualizations"}
 PREDICTION_KEYS = {"index", "label", "probability"}
 VISUALIZATION_KEYS = {"method", "params", "elapsed_ms", "panels"}
 # The one panel record of app.pipeline, the same as the server's (issue 3's fields plus kind,
@@ -78,7 +78,7 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
     out_dir = tmp_path / "report"
     status, stdout, _ = run_cli(
         [str(checkpoint_dir), *map(str, images), "--method", "grad_cam", "--method",
-         "partial_occlusion", "--method", "occlusion", "--param", "partial_occlusion.positions=3",
+         "partial_occlusion", "--method", "occlusion", "--param", "partial_occlusion.positions=4",
          "--param", "occlusion.window=8", "--target", "predicted", "--target", "blue",
          "--out", str(out_dir), "--json"], capsys)
     assert status == 0
@@ -121,14 +121,14 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
         predicted = image["predictions"][0]["label"]
         assert grad_cam_targets == list(dict.fromkeys([predicted, "blue"]))
         assert by_method["occlusion"]["params"] == {"window": 8, "stride": 4, "fill": "mean"}
-        assert by_method["partial_occlusion"]["params"]["positions"] == 3
+        assert by_method["partial_occlusion"]["params"]["positions"] == 4
         assert any(p["target"] is None for p in by_method["partial_occlusion"]["panels"])
 
     html = (out_dir / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") > 10
     assert "first photo.png" in html and "second.jpg" in html
     assert "Grad-CAM" in html and "Partial occlusion" in html and "Occlusion" in html
-    assert "positions=3" in html and "linear-gradient" in html
+    assert "positions=4" in html and "linear-gradient" in html
     # Self-contained: every image inline (a data URI held once, shown by reference wherever
     # the page shows it), no stylesheet or script loaded from elsewhere.
     inline = re.findall(r'<image id="(pic-\d+)" href="([^"]*)"', html)
@@ -176,8 +176,8 @@ def test_checkpoint_option_picks_a_file(tmp_path: Path, images: list[Path],
 
 
 @pytest.mark.parametrize(("arguments", "code", "must_mention"), [
-    (["--method", "integrated_gradients", "--param", "integrated_gradients.steps=999"],
-     "E_BAD_PARAMETER", ["steps", "[4, 256]"]),
+    (["--method", "integrated_gradients", "--param", "integrated_gradients.steps=9999"],
+     "E_BAD_PARAMETER", ["steps", "[4, 1024]"]),
     (["--method", "occlusion", "--param", "occlusion.fill=purple"],
      "E_BAD_PARAMETER", ["fill", "mean, black, gray, blur"]),
     (["--method", "occlusion", "--param", "occlusion.window=99"],

@@ -1,0 +1,216 @@
+"""What an evaluation found, computed from its per-image records: pure numpy, no I/O.
+
+``ImageRecords`` is the per-image outcome every dataset-wide feature starts from -- this page's
+accuracy, confusion matrix and failure cases, the calibration of issue 16, the accuracy per
+checkpoint and the flips between checkpoints of issue 11: for each evaluated file its true class,
+its top-k classes with their probabilities, and the probability of its true class.
+
+Conventions (the ``evaluation.json`` contract):
+
+* the confusion matrix's rows are the dataset's classes (model index order), its columns the same
+  classes plus one final "other" column when some prediction falls outside them;
+* ``failures`` are the wrong images, most confident first (ties in file order);
+* "least certain correct": right images by the margin between their top two probabilities;
+* calibration: 15 equal-width bins of the top-1 probability, ``[lower, upper)`` with the last
+  bin closed; ECE = sum over bins of (count / N) * |accuracy - confidence|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+CALIBRATION_BINS = 15
+TOP_CONFUSIONS = 20
+LEAST_CERTAIN = 100
+
+
+@dataclass(frozen=True)
+class ImageRecords:
+    """Per-image results in file order (columnar, so 100,000 images cost a few MB)."""
+
+    paths: tuple[str, ...]
+    targets: np.ndarray             # (n,) int64 true class index
+    top_indices: np.ndarray         # (n, k) int64, best first
+    top_probabilities: np.ndarray   # (n, k) float32
+    true_probabilities: np.ndarray  # (n,) float32
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.top_indices[:, 0]
+
+    @property
+    def probability(self) -> np.ndarray:
+        """The top-1 probability (the model's confidence)."""
+        return self.top_probabilities[:, 0]
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.targets
+
+    @property
+    def margin(self) -> np.ndarray:
+        """Top-1 minus top-2 probability (1.0 for a one-class model)."""
+        if self.top_probabilities.shape[1] < 2:
+            return np.ones(len(self), dtype=np.float32)
+        return self.top_probabilities[:, 0] - self.top_probabilities[:, 1]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"targets": self.targets, "top_indices": self.top_indices,
+                "top_probabilities": self.top_probabilities,
+                "true_probabilities": self.true_probabilities}
+
+    @classmethod
+    def from_arrays(cls, paths: Sequence[str], arrays: Any) -> "ImageRecords":
+        return cls(tuple(paths), np.asarray(arrays["targets"], dtype=np.int64),
+                   np.asarray(arrays["top_indices"], dtype=np.int64),
+                   np.asarray(arrays["top_probabilities"], dtype=np.float32),
+                   np.asarray(arrays["true_probabilities"], dtype=np.float32))
+
+    @classmethod
+    def empty(cls, k: int) -> "ImageRecords":
+        return cls((), np.zeros(0, np.int64), np.zeros((0, k), np.int64),
+                   np.zeros((0, k), np.float32), np.zeros(0, np.float32))
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["ImageRecords"], k: int) -> "ImageRecords":
+        parts = [part for part in parts if len(part)]
+        if not parts:
+            return cls.empty(k)
+        return cls(tuple(path for part in parts for path in part.paths),
+                   np.concatenate([part.targets for part in parts]),
+                   np.concatenate([part.top_indices for part in parts]),
+                   np.concatenate([part.top_probabilities for part in parts]),
+                   np.concatenate([part.true_probabilities for part in parts]))
+
+
+def top_k_accuracy(records: ImageRecords, k: int) -> float | None:
+    if not len(records):
+        return None
+    hits = (records.top_indices[:, :k] == records.targets[:, None]).any(axis=1)
+    return float(hits.mean())
+
+
+def class_table(records: ImageRecords, classes: Sequence[int],
+                class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per dataset class: support, correct, precision (over every image predicted as it) and
+    recall; None where the denominator is 0."""
+    num = len(class_names)
+    support = np.bincount(records.targets, minlength=num)
+    predicted = np.bincount(records.predicted, minlength=num)
+    correct = np.bincount(records.targets[records.correct], minlength=num)
+    rows = []
+    for index in classes:
+        rows.append({"index": int(index), "label": class_names[index],
+                     "support": int(support[index]), "correct": int(correct[index]),
+                     "precision": (float(correct[index] / predicted[index])
+                                   if predicted[index] else None),
+                     "recall": float(correct[index] / support[index]) if support[index] else None,
+                     "predicted": int(predicted[index])})
+    return rows
+
+
+def confusion(records: ImageRecords, classes: Sequence[int]) -> dict[str, Any]:
+    """Rows: true classes; columns: predicted, over ``classes`` plus "other" when needed."""
+    size = len(classes)
+    position = {index: number for number, index in enumerate(classes)}
+    rows = np.fromiter((position[int(t)] for t in records.targets), dtype=np.int64,
+                       count=len(records))
+    lookup = np.full(max(int(records.predicted.max(initial=0)), max(classes, default=0)) + 1,
+                     size, dtype=np.int64)
+    for index, number in position.items():
+        lookup[index] = number
+    columns = lookup[records.predicted]
+    matrix = np.bincount(rows * (size + 1) + columns,
+                         minlength=size * (size + 1)).reshape(size, size + 1)
+    other = bool(matrix[:, size].any())
+    if not other:
+        matrix = matrix[:, :size]
+    return {"labels": [int(index) for index in classes], "matrix": matrix.tolist(),
+            "other_column": other}
+
+
+def failure_order(records: ImageRecords) -> np.ndarray:
+    """Numbers of the wrong images, most confident first (ties in file order)."""
+    wrong = np.flatnonzero(~records.correct)
+    return wrong[np.argsort(-records.probability[wrong], kind="stable")]
+
+
+def least_certain_correct(records: ImageRecords, limit: int = LEAST_CERTAIN) -> np.ndarray:
+    """Numbers of the right images with the smallest margin between their top two classes."""
+    right = np.flatnonzero(records.correct)
+    return right[np.argsort(records.margin[right], kind="stable")][:limit]
+
+
+def top_confusions(records: ImageRecords, class_names: Sequence[str],
+                   limit: int = TOP_CONFUSIONS) -> list[dict[str, Any]]:
+    """The most frequent (true, predicted) pairs among the failures, with their counts."""
+    wrong = ~records.correct
+    if not wrong.any():
+        return []
+    num = len(class_names)
+    pairs, counts = np.unique(records.targets[wrong] * num + records.predicted[wrong],
+                              return_counts=True)
+    order = np.lexsort((pairs, -counts))[:limit]
+    return [{"true": {"index": int(pairs[i] // num), "label": class_names[pairs[i] // num]},
+             "predicted": {"index": int(pairs[i] % num), "label": class_names[pairs[i] % num]},
+             "count": int(counts[i])} for i in order]
+
+
+def calibration(records: ImageRecords, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Expected calibration error and the reliability diagram's bins (all of them; empty ones
+    with count 0 and null accuracy and confidence)."""
+    confidence = records.probability.astype(np.float64)
+    correct = records.correct.astype(np.float64)
+    which = np.clip(np.floor(confidence * bins).astype(np.int64), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    confidence_sums = np.bincount(which, weights=confidence, minlength=bins)
+    correct_sums = np.bincount(which, weights=correct, minlength=bins)
+    total = max(len(records), 1)
+    rows, ece = [], 0.0
+    for number in range(bins):
+        count = int(counts[number])
+        accuracy = correct_sums[number] / count if count else None
+        mean_confidence = confidence_sums[number] / count if count else None
+        if count:
+            ece += count / total * abs(accuracy - mean_confidence)
+        rows.append({"lower": number / bins, "upper": (number + 1) / bins, "count": count,
+                     "accuracy": None if accuracy is None else float(accuracy),
+                     "confidence": None if mean_confidence is None else float(mean_confidence)})
+    return {"ece": float(ece) if len(records) else None, "bins": rows}
+
+
+def summarize(records: ImageRecords, classes: Sequence[int],
+              class_names: Sequence[str]) -> dict[str, Any]:
+    """Everything ``evaluation.json`` says beyond the per-image list, with images named by
+    their number in ``records`` (``failures``, ``least_certain_correct``)."""
+    return {"accuracy": float(records.correct.mean()) if len(records) else None,
+            "top5_accuracy": top_k_accuracy(records, 5),
+            "classes": class_table(records, classes, class_names),
+            "confusion": confusion(records, classes),
+            "top_confusions": top_confusions(records, class_names),
+            "calibration": calibration(records),
+            "failures": failure_order(records).tolist(),
+            "least_certain_correct": least_certain_correct(records).tolist()}
+
+
+def image_record(records: ImageRecords, number: int, class_names: Sequence[str],
+                 top_k: int) -> dict[str, Any]:
+    """One image of ``evaluation.json``'s ``images`` list."""
+    true_index = int(records.targets[number])
+    predicted = int(records.top_indices[number, 0])
+    return {"number": number, "file": records.paths[number],
+            "true": {"index": true_index, "label": class_names[true_index]},
+            "predicted": {"index": predicted, "label": class_names[predicted],
+                          "probability": float(records.top_probabilities[number, 0])},
+            "true_probability": float(records.true_probabilities[number]),
+            "correct": predicted == true_index,
+            "margin": float(records.margin[number]),
+            "top": [{"index": int(index), "label": class_names[int(index)],
+                     "probability": float(probability)}
+                    for index, probability in zip(records.top_indices[number, :top_k],
+                                                  records.top_probabilities[number, :top_k])]}
