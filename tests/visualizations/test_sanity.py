@@ -3,6 +3,7 @@ verdicts on a trained model (model-sensitive maps pass, an image-only map fails)
 real architectures into steps, re-initialization, and the check's contract."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from torch import nn
 
-from app.errors import Cancelled
+from app.errors import Cancelled, MethodUnsupported
 from model_adapters.base import LoadedModel
 from tests.visualizations.conftest import record
 from tests.visualizations.models import shape_images, wrap
@@ -129,7 +130,11 @@ def test_result_record_steps_from_the_output_down(shape_model, shape_batches) ->
                              "threshold"]
     assert record_["method"] == "grad_cam" and record_["images"] == 2
     assert record_["checkpoint"] == shape_model.meta.checkpoint_file
-    assert record_["params"] == {"layer": shape_model.meta.default_cam_layer, "relu": True}
+    grad_cam = visualization_registry.get("grad_cam")
+    resolved = grad_cam.resolve(grad_cam.parse_params({"relu": True}, shape_model.meta),
+                                shape_model.meta)
+    assert record_["params"] == dataclasses.asdict(resolved)
+    assert record_["params"]["layer"] == shape_model.meta.default_cam_layer
     assert [step["randomized"] for step in record_["steps"]] == \
         ["fc", "features.5", "features.2", "features.0"]
     assert all(set(step) == {"randomized", "spearman", "ssim"} for step in record_["steps"])
@@ -253,8 +258,6 @@ def test_reinitialization_uses_torch_initializers_and_a_documented_fallback() ->
 
 
 def test_a_model_without_parameters_is_refused(tiny_image) -> None:
-    from app.errors import MethodUnsupported
-
     model = wrap(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), class_names=None)
     with pytest.raises(MethodUnsupported):
         sanity_check(model, [tiny_image], ImageEdges(), {})
