@@ -2,7 +2,9 @@
 (EfficientNet-Lite0, the five photos in demo/images/), each at its default parameters.
 
 Prints one line per method (final median Spearman and SSIM, verdict, time) and, with
-``--json FILE``, writes every method's full ``SanityResult.to_dict()`` plus its time.
+``--json FILE``, writes every method's full ``SanityResult.to_dict()`` plus its time. With
+``--references``, also two unregistered maps for comparison: guided backpropagation alone (the
+method Adebayo et al. found insensitive) and the image's own edges (uses no model at all).
 
     .venv/bin/python scripts/sanity_demo.py                       # all methods (long on a CPU)
     .venv/bin/python scripts/sanity_demo.py --method grad_cam --json out.json
@@ -12,10 +14,48 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+
+from visualizations.base import Attribution, Panel, Visualization
+from visualizations.common import as_model_input, to_map
+from visualizations.guided_backprop import guided_gradients, require_guided_activations
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class GuidedBackprop(Visualization):
+    name, title, reference = "guided_backprop", "Guided backprop", "https://arxiv.org/abs/1412.6806"
+    description = "Guided backpropagation alone (Guided Grad-CAM without the Grad-CAM factor)."
+    Params = NoParams
+
+    def cost(self, params, meta) -> int:
+        return 1
+
+    def compute(self, model, batch, target, params, context) -> Attribution:
+        require_guided_activations(model.module)
+        gradients = guided_gradients(model.module, as_model_input(batch), target.index)
+        return Attribution((Panel("guided backprop", to_map(gradients.abs().amax(dim=1)),
+                                  target=target),))
+
+
+class ImageEdges(Visualization):
+    name, title, reference = "image_edges", "Image edges", "https://arxiv.org/abs/1810.03292"
+    description = "Gradient magnitude of the input image; uses no model."
+    Params = NoParams
+
+    def compute(self, model, batch, target, params, context) -> Attribution:
+        image = batch[0].detach().float().cpu().numpy().mean(axis=0)
+        rows, columns = np.gradient(image)
+        return Attribution((Panel("edges", np.hypot(rows, columns).astype(np.float32),
+                                  target=target),))
 
 
 def main() -> None:
@@ -24,6 +64,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--references", action="store_true",
+                        help="also guided backprop alone and the model-free image edges")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -40,9 +82,13 @@ def main() -> None:
     print(f"# {model.meta.architecture}, {len(photos)} photos, {len(steps)} steps: "
           f"{', '.join(step.name for step in steps)}", flush=True)
 
+    methods = [visualization_registry.get(name)
+               for name in args.method or visualization_registry.names()]
+    if args.references:
+        methods += [GuidedBackprop(), ImageEdges()]
     records = {}
-    for name in args.method or visualization_registry.names():
-        method = visualization_registry.get(name)
+    for method in methods:
+        name = method.name
         params = method.resolve(method.parse_params({}, model.meta), model.meta)
         cost = sanity_cost(method, params, model.meta, len(batches), len(steps))
         started = time.perf_counter()
