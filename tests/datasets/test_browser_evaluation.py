@@ -77,12 +77,15 @@ def test_from_the_confusion_matrix_to_the_maps_in_chromium(chromium, tmp_path) -
         assert result["failure"] is True
         assert result["true_label"]["index"] == TABBY
         assert targets == {TABBY, EGYPTIAN_CAT}
-        article = page.locator("article.image-result").first
-        text = article.text_content()
+        # The failure's grid row: its true label, and a cell with the maps of both classes.
+        row = page.locator("tr.grid-row.failure").first
+        text = row.text_content()
         assert "tabby" in text and "Egyptian cat" in text
-        widths = page.evaluate("Array.from(document.querySelectorAll('article img'))"
-                               ".map(i => i.naturalWidth)")
-        assert widths and all(width > 0 for width in widths)
+        roles = row.locator(".cell-role").all_text_contents()
+        assert roles == ["pred: Egyptian cat", "true: tabby"], roles
+        wait_until(lambda: page.evaluate("Array.from(document.querySelectorAll("
+                                         "'tr.grid-row.failure img')).every(i => i.complete "
+                                         "&& i.naturalWidth > 0)"), 30, "the maps")
         page.screenshot(path=str(ARTIFACTS / "browser-evaluation-explained.png"), full_page=True)
         assert problems == [], problems
 

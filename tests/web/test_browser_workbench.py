@@ -50,8 +50,9 @@ def test_switching_the_model_keeps_the_uploaded_images(chromium, two_model_serve
         page.check("input[name=method][value=grad_cam]")
         with page.expect_navigation(url="**/jobs/*"):
             page.click("#run-button")
-        page.wait_for_selector("#grid", timeout=30_000)
-        assert page.locator(".image-result .filename").all_text_contents() != []
+        page.wait_for_selector("#results-grid", timeout=30_000)
+        assert page.locator(".grid-row .filename").all_text_contents() == ["first.png",
+                                                                            "second.png"]
         # Once used, the kept list is gone: a fresh workbench starts empty.
         page.goto(two_model_server + "/")
         assert page.locator(".thumb").count() == 0
