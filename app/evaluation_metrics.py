@@ -11,6 +11,9 @@ Conventions (the ``evaluation.json`` contract):
   classes plus one final "other" column when some prediction falls outside them;
 * ``failures`` are the wrong images, most confident first (ties in file order);
 * "least certain correct": right images by the margin between their top two probabilities;
+* "confidently wrong": the failures whose top-1 probability is at least ``CONFIDENTLY_WRONG``
+  (0.8 by default; the evaluation page takes another level as ``?confident=``), most confident
+  first -- the images a softmax probability would have you trust and should not;
 * calibration: 15 equal-width bins of the top-1 probability, ``[lower, upper)`` with the last
   bin closed; ECE = sum over bins of (count / N) * |accuracy - confidence|.
 """
@@ -24,6 +27,7 @@ import numpy as np
 CALIBRATION_BINS = 15
 TOP_CONFUSIONS = 20
 LEAST_CERTAIN = 100
+CONFIDENTLY_WRONG = 0.8     # top-1 probability from which a failure counts as confidently wrong
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,21 @@ def failure_order(records: ImageRecords) -> np.ndarray:
     """Numbers of the wrong images, most confident first (ties in file order)."""
     wrong = np.flatnonzero(~records.correct)
     return wrong[np.argsort(-records.probability[wrong], kind="stable")]
+
+
+def confidently_wrong(records: ImageRecords, level: float = CONFIDENTLY_WRONG) -> np.ndarray:
+    """Numbers of the wrong images with a top-1 probability of at least ``level``, most
+    confident first (ties in file order): the head of ``failure_order``."""
+    failures = failure_order(records)
+    return failures[records.probability[failures].astype(np.float64) >= level]
+
+
+def confidently_wrong_record(records: ImageRecords,
+                             level: float = CONFIDENTLY_WRONG) -> dict[str, Any]:
+    """``evaluation.json``'s ``confidently_wrong``: the level and the files, most confident
+    first."""
+    return {"level": level,
+            "images": [records.paths[number] for number in confidently_wrong(records, level)]}
 
 
 def least_certain_correct(records: ImageRecords, limit: int = LEAST_CERTAIN) -> np.ndarray:
