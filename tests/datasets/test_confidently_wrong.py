@@ -85,6 +85,9 @@ def test_the_page_lists_them_selectable_and_takes_a_level(client, reference: dic
     page = client.get(f"/evaluations/{view['id']}")
     html = page.data.decode()
     assert page_files(html) == api_listed["images"]
+    scaling = view["temperature_scaling"]        # shown under the reliability diagram
+    assert f"T = {scaling['temperature']:.2f}" in html
+    assert f"{scaling['ece_before']:.3f} → {scaling['ece_after']:.3f}" in html
     section = html.split('id="confidently-wrong"', 1)[1].split("</section>", 1)[0]
     numbers = re.findall(r'name="image" value="(\d+)"', section)
     by_number = {image["number"]: image["file"] for image in view["images"]}
