@@ -53,7 +53,7 @@ def assert_shows(html: str, figures: dict) -> None:
     assert f"{top['label']} {top['mean']:.2f} ± {top['std']:.2f}" in text
     kept = round(tta["top1_agreement"] * tta["samples"])
     verdict = "top-1 changes" if tta["top1_changed"] else "top-1 never changes"
-    assert f"{verdict}: kept in {kept} of {tta['samples']}" in text
+    assert f"{verdict}: kept in {kept} of {tta['samples']} views" in text
     if mc["available"]:
         mc_top = mc["classes"][0]
         assert f"{mc_top['label']} {mc_top['mean']:.2f} ± {mc_top['std']:.2f}" in text
