@@ -32,7 +32,7 @@ def reliability_png(evaluation_dir: Path, out: Path) -> None:
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900}, device_scale_factor=2)
+        page = browser.new_page(viewport={"width": 560, "height": 1400}, device_scale_factor=2)
         page.goto((evaluation_dir / "report.html").resolve().as_uri())
         page.locator(".eval-summary > div").nth(1).screenshot(path=str(out))
         browser.close()
@@ -66,7 +66,7 @@ def adversarial_png(visualize_dir: Path, out: Path) -> dict:
             sheet.paste(tile, (x, 8))
             draw.text((x, PANEL_PX + 14), caption, fill="black", font=font)
     draw.text((8, PANEL_PX + caption_px + 18),
-              f"smallest L-inf perturbation found by PGD: epsilon = {first['epsilon']:.2f} "
+              f"smallest L-inf perturbation found by PGD: epsilon = {first['epsilon']:.3g} "
               f"of 255 per pixel channel", fill="black", font=font)
     sheet.save(out, optimize=True)
     return {"file": image["file"], "epsilon": first["epsilon"],
