@@ -110,3 +110,18 @@ def test_an_overconfident_set_gets_a_temperature_above_one() -> None:
     confident = [entry for entry in result["bins_after"] if entry["count"]]
     assert len(confident) == 1
     assert confident[0]["confidence"] == pytest.approx(correct.mean(), abs=0.01)
+
+
+def test_the_note_states_the_reason_or_nothing() -> None:
+    import jinja2
+
+    templates = Path(__file__).resolve().parents[2] / "templates"
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates)),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    note = environment.get_template("partials/evaluation_blocks.html").module.temperature_note
+    records = ImageRecords(("a",), np.array([0]), np.array([[0, 1]]),
+                           np.array([[0.7, 0.2]], dtype=np.float32),
+                           np.array([0.7], dtype=np.float32))
+    refused = str(note(temperature_scaling(records, num_classes=3)))
+    assert "not fitted" in refused and "top 2 of 3" in refused
+    assert str(note(None)).strip() == ""        # an evaluation stored before it existed
