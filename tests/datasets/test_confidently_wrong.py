@@ -85,6 +85,8 @@ def test_the_page_lists_them_selectable_and_takes_a_level(client, reference: dic
     page = client.get(f"/evaluations/{view['id']}")
     html = page.data.decode()
     assert page_files(html) == api_listed["images"]
+    assert re.search(r'id="confidently-wrong-count"><a href="#confidently-wrong">'
+                     + str(len(api_listed["images"])) + "<", html)
     scaling = view["temperature_scaling"]        # shown under the reliability diagram
     assert f"T = {scaling['temperature']:.2f}" in html
     assert f"{scaling['ece_before']:.3f} → {scaling['ece_after']:.3f}" in html
