@@ -48,8 +48,8 @@ def adversarial_png(visualize_dir: Path, out: Path) -> dict:
     tiles = [(image_dir_file(visualize_dir, image, "model-view.png"),
               f"original: {top['label']} (p = {top['probability']:.2f})")]
     captions = ["change per pixel (0-255 units)", "perturbation, amplified",
-                f"perturbed: {first['new_class']['label']} "
-                f"(p = {first['new_class']['probability']:.2f})",
+                (f"perturbed: {first['new_class']['label']} "
+                 f"(p = {first['new_class']['probability']:.2f})"),
                 f"Grad-CAM, original: {top['label']}",
                 f"Grad-CAM, perturbed: {first['new_class']['label']}"]
     for panel, caption in zip(panels, captions):

@@ -4,6 +4,7 @@ test) in ``evaluation.json``, the CLI's report and the evaluation page, where an
 query parameter and the images are selectable for Explain like the failures."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -31,7 +32,7 @@ def same_set_in_confidence_order(found: list[str], expected: list[str],
                                  confidence: dict[str, float]) -> None:
     assert sorted(found) == sorted(expected)
     values = [confidence[name] for name in found]
-    assert all(a >= b - 1e-6 for a, b in zip(values, values[1:]))
+    assert all(a >= b - 1e-6 for a, b in itertools.pairwise(values))
 
 
 @pytest.fixture(scope="module")
