@@ -32,7 +32,8 @@ import numpy as np
 
 from app.datasets import DatasetFile, LabelledDataset, Skipped, read_dataset_file
 from app.errors import ConvscopeError, DatasetEmpty, ImageCorrupt
-from app.evaluation_metrics import ImageRecords, image_record, summarize
+from app.evaluation_metrics import (ImageRecords, confidently_wrong_record, image_record,
+                                    summarize)
 from app.ingest import DEFAULT_MAX_BYTES, decode_image
 from app.stores import result_key
 from visualizations.common import as_model_input, prepare_model
@@ -358,6 +359,7 @@ def evaluation_document(summary: dict[str, Any], records: ImageRecords,
     document["failures"] = [records.paths[number] for number in summary["failures"]]
     document["least_certain_correct"] = [records.paths[number]
                                          for number in summary["least_certain_correct"]]
+    document["confidently_wrong"] = confidently_wrong_record(records)
     return document
 
 

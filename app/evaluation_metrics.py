@@ -11,8 +11,18 @@ Conventions (the ``evaluation.json`` contract):
   classes plus one final "other" column when some prediction falls outside them;
 * ``failures`` are the wrong images, most confident first (ties in file order);
 * "least certain correct": right images by the margin between their top two probabilities;
+* "confidently wrong": the failures whose top-1 probability is at least ``CONFIDENTLY_WRONG``
+  (0.8 by default; the evaluation page takes another level as ``?confident=``), most confident
+  first -- the images a softmax probability would have you trust and should not;
 * calibration: 15 equal-width bins of the top-1 probability, ``[lower, upper)`` with the last
-  bin closed; ECE = sum over bins of (count / N) * |accuracy - confidence|.
+  bin closed; ECE = sum over bins of (count / N) * |accuracy - confidence|;
+* temperature scaling (Guo, Pleiss, Sun & Weinberger 2017): one temperature T, fitted on the
+  evaluated images themselves by minimizing the negative log-likelihood of softmax(logits / T)
+  (a bounded golden-section search over log T), and the ECE before and after. Fitted and
+  judged on the same data, the "after" is optimistic: it shows how much of the miscalibration
+  one number can explain, not what a held-out set would see. It needs every class's
+  probability (the logits up to a constant): when the stored top-k leaves classes out, it is
+  not fitted and says so.
 """
 from __future__ import annotations
 
@@ -24,6 +34,9 @@ import numpy as np
 CALIBRATION_BINS = 15
 TOP_CONFUSIONS = 20
 LEAST_CERTAIN = 100
+CONFIDENTLY_WRONG = 0.8     # top-1 probability from which a failure counts as confidently wrong
+TEMPERATURE_RANGE = (0.05, 20.0)
+_SEARCH_ITERATIONS = 40     # golden-section steps: 0.618 ** 40 of log(400) is ~1e-8
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,21 @@ def failure_order(records: ImageRecords) -> np.ndarray:
     return wrong[np.argsort(-records.probability[wrong], kind="stable")]
 
 
+def confidently_wrong(records: ImageRecords, level: float = CONFIDENTLY_WRONG) -> np.ndarray:
+    """Numbers of the wrong images with a top-1 probability of at least ``level``, most
+    confident first (ties in file order): the head of ``failure_order``."""
+    failures = failure_order(records)
+    return failures[records.probability[failures].astype(np.float64) >= level]
+
+
+def confidently_wrong_record(records: ImageRecords,
+                             level: float = CONFIDENTLY_WRONG) -> dict[str, Any]:
+    """``evaluation.json``'s ``confidently_wrong``: the level and the files, most confident
+    first."""
+    return {"level": level,
+            "images": [records.paths[number] for number in confidently_wrong(records, level)]}
+
+
 def least_certain_correct(records: ImageRecords, limit: int = LEAST_CERTAIN) -> np.ndarray:
     """Numbers of the right images with the smallest margin between their top two classes."""
     right = np.flatnonzero(records.correct)
@@ -184,6 +212,68 @@ def calibration(records: ImageRecords, bins: int = CALIBRATION_BINS) -> dict[str
     return {"ece": float(ece) if len(records) else None, "bins": rows}
 
 
+def _scaled(log_probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """log softmax(logits / T) per row, from log softmax(logits) (the same up to a constant)."""
+    scaled = log_probabilities / temperature
+    return scaled - np.logaddexp.reduce(scaled, axis=1, keepdims=True)
+
+
+def temperature_scaling(records: ImageRecords, num_classes: int,
+                        bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """One temperature fitted on ``records`` (see the module docstring), with the NLL and ECE
+    before and after; ``{"fitted": False, "reason": ...}`` when it cannot be fitted."""
+    method = ("temperature scaling (Guo et al. 2017): softmax(logits / T), T minimizing the "
+              "negative log-likelihood of the true classes")
+    stored = records.top_probabilities.shape[1]
+    if not len(records):
+        return {"fitted": False, "method": method, "reason": "No images were evaluated."}
+    if stored < num_classes:
+        return {"fitted": False, "method": method,
+                "reason": f"It needs every class's probability; this evaluation kept the top "
+                          f"{stored} of {num_classes} (evaluate with --top-k {num_classes}, or "
+                          f"\"top_k\": {num_classes} in the API)."}
+    # Columns in class order, so the true class is a column index; float32 zeros (classes
+    # beyond float32's range) are clipped to its smallest positive value.
+    full = np.empty((len(records), num_classes), dtype=np.float64)
+    np.put_along_axis(full, records.top_indices, records.top_probabilities.astype(np.float64),
+                      axis=1)
+    log_p = np.log(np.clip(full, np.finfo(np.float32).tiny, None))
+    rows = np.arange(len(records))
+
+    def nll(log_temperature: float) -> float:
+        return float(-_scaled(log_p, float(np.exp(log_temperature)))[rows, records.targets]
+                     .mean())
+
+    low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
+    ratio = (np.sqrt(5.0) - 1) / 2
+    a, b = low + (1 - ratio) * (high - low), low + ratio * (high - low)
+    nll_a, nll_b = nll(a), nll(b)
+    for _ in range(_SEARCH_ITERATIONS):     # NLL is convex in 1/T, so unimodal in log T
+        if nll_a <= nll_b:
+            high, b, nll_b = b, a, nll_a
+            a = low + (1 - ratio) * (high - low)
+            nll_a = nll(a)
+        else:
+            low, a, nll_a = a, b, nll_b
+            b = low + ratio * (high - low)
+            nll_b = nll(b)
+    temperature = round(float(np.exp((low + high) / 2)), 4)   # every figure uses the one stated
+    scaled = np.exp(_scaled(log_p, temperature))
+    # T > 0 keeps every ranking, so the top-1 (and accuracy) stays; only confidence moves.
+    top1 = records.top_indices[:, :1]
+    after = ImageRecords(records.paths, records.targets, top1,
+                         np.take_along_axis(scaled, top1, axis=1).astype(np.float32),
+                         scaled[rows, records.targets].astype(np.float32))
+    calibrated = calibration(after, bins)
+    return {"fitted": True, "method": method,
+            "fitted_on": "the evaluated images themselves (no held-out split): the ECE after "
+                         "is optimistic",
+            "temperature": temperature,
+            "nll_before": nll(0.0), "nll_after": nll(float(np.log(temperature))),
+            "ece_before": calibration(records, bins)["ece"], "ece_after": calibrated["ece"],
+            "bins_after": calibrated["bins"]}
+
+
 def summarize(records: ImageRecords, classes: Sequence[int],
               class_names: Sequence[str]) -> dict[str, Any]:
     """Everything ``evaluation.json`` says beyond the per-image list, with images named by
@@ -194,6 +284,7 @@ def summarize(records: ImageRecords, classes: Sequence[int],
             "confusion": confusion(records, classes),
             "top_confusions": top_confusions(records, class_names),
             "calibration": calibration(records),
+            "temperature_scaling": temperature_scaling(records, len(class_names)),
             "failures": failure_order(records).tolist(),
             "least_certain_correct": least_certain_correct(records).tolist()}
 

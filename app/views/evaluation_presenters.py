@@ -14,7 +14,8 @@ from flask import url_for
 from app.dataset_catalog import DatasetCatalog
 from app.evaluation_display import (cell_members, matrix_view, parse_cell, reliability_diagram,
                                     sorted_classes)
-from app.evaluation_metrics import image_record
+from app.evaluation_metrics import (CONFIDENTLY_WRONG, confidently_wrong,
+                                    confidently_wrong_record, image_record)
 from app.evaluation_store import EvaluationOutcome, load_outcome
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 48
 LEAST_CERTAIN_SHOWN = 24
-CONFIDENTLY_WRONG = 0.9
+CONFIDENT_LEVELS = (0.5, 0.8, 0.9, 0.99)    # the levels the page offers as links
 
 
 def dataset_listing(services: "Services", meta: Any = None) -> list[dict[str, Any]]:
@@ -69,7 +70,18 @@ def evaluation_view(job: "Job", services: "Services", *, images: bool = True) ->
 
 def _summary(outcome: EvaluationOutcome) -> dict[str, Any]:
     skip = {"kind", "key", "files", "stored_at", "paths", "class_names"}
-    return {name: value for name, value in outcome.summary.items() if name not in skip}
+    summary = {name: value for name, value in outcome.summary.items() if name not in skip}
+    summary["confidently_wrong"] = confidently_wrong_record(outcome.records)
+    return summary
+
+
+def confident_level(raw: Any) -> float:
+    """``?confident=`` as a level in [0, 1]; anything else is the default level."""
+    try:
+        level = float(raw)
+    except (TypeError, ValueError):
+        return CONFIDENTLY_WRONG
+    return level if 0.0 <= level <= 1.0 else CONFIDENTLY_WRONG
 
 
 def _image(outcome: EvaluationOutcome, job_id: str, number: int) -> dict[str, Any]:
@@ -91,7 +103,8 @@ def _page_of(numbers: Any, page: int) -> tuple[list[int], dict[str, int]]:
 def evaluation_page(view: Mapping[str, Any], outcome: EvaluationOutcome,
                     args: Mapping[str, Any]) -> dict[str, Any]:
     """The evaluation page's sections, from the view and the query string (``sort``, ``order``,
-    ``cell``, ``page``, ``failures_page``)."""
+    ``cell``, ``page``, ``failures_page``, ``confident`` -- the confidently-wrong level --
+    and ``confident_page``)."""
     job_id = view["id"]
     names = outcome.class_names
     records = outcome.records
@@ -101,8 +114,8 @@ def evaluation_page(view: Mapping[str, Any], outcome: EvaluationOutcome,
     selected = parse_cell(args.get("cell"))
 
     def page_link(**changes: Any) -> str:
-        query = {key: args[key] for key in ("sort", "order", "cell", "page", "failures_page")
-                 if args.get(key)}
+        query = {key: args[key] for key in ("sort", "order", "cell", "page", "failures_page",
+                                            "confident", "confident_page") if args.get(key)}
         query.update({key: value for key, value in changes.items()})
         query = {key: value for key, value in query.items() if value is not None}
         anchor = query.pop("_anchor", None)
@@ -135,11 +148,23 @@ def evaluation_page(view: Mapping[str, Any], outcome: EvaluationOutcome,
             if paging["page"] > 1 else None,
             "next": page_link(page=paging["page"] + 1, _anchor="cell-images")
             if paging["page"] < paging["pages"] else None, **paging}
+    level = confident_level(args.get("confident"))
+    confident = confidently_wrong(records, level)
+    numbers, paging = _page_of(confident, _int(args.get("confident_page")))
+    sections["confident"] = {
+        "level": level, "default_level": CONFIDENTLY_WRONG,
+        "images": [_image(outcome, job_id, number) for number in numbers],
+        "levels": [{"value": value, "current": value == level,
+                    "url": page_link(confident=None if value == CONFIDENTLY_WRONG else value,
+                                     confident_page=None, _anchor="confidently-wrong")}
+                   for value in sorted({*CONFIDENT_LEVELS, level})],
+        "previous": page_link(confident_page=paging["page"] - 1, _anchor="confidently-wrong")
+        if paging["page"] > 1 else None,
+        "next": page_link(confident_page=paging["page"] + 1, _anchor="confidently-wrong")
+        if paging["page"] < paging["pages"] else None, **paging}
     numbers, paging = _page_of(summary["failures"], _int(args.get("failures_page")))
     sections["failures"] = {
         "images": [_image(outcome, job_id, number) for number in numbers],
-        "confidently_wrong": int((records.probability[summary["failures"]]
-                                  >= CONFIDENTLY_WRONG).sum()) if summary["failures"] else 0,
         "previous": page_link(failures_page=paging["page"] - 1, _anchor="failures")
         if paging["page"] > 1 else None,
         "next": page_link(failures_page=paging["page"] + 1, _anchor="failures")
