@@ -36,7 +36,7 @@ def train_epochs(seed: int = 3) -> list[dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = ColourNet()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.007)
     states = []
     for _ in range(EPOCHS):
         for _ in range(STEPS_PER_EPOCH):
