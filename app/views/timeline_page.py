@@ -20,10 +20,20 @@ def _pick(args: Mapping[str, str], name: str, default: int, count: int) -> int:
     return int(raw) if raw.isdigit() and int(raw) < count else default
 
 
+def _class_names(document: Mapping[str, Any]) -> list[str]:
+    """Class names by index, from the stored top-k lists (all a page needs to label a chart)."""
+    names: dict[int, str] = {}
+    for image in document["images"]:
+        for step in image["steps"]:
+            names.update({entry["index"]: entry["label"] for entry in step["predictions"]})
+    return [names.get(index, str(index)) for index in range(max(names, default=-1) + 1)]
+
+
 def page_sections(view: Mapping[str, Any], svc: Any, args: Mapping[str, str], *,
                   flips: Mapping[str, Any] | None) -> dict[str, Any]:
     document = view["timeline"]
     job_id = view["id"]
+    class_names = _class_names(document)
     checkpoints = document["checkpoints"]
     images = []
     for image_number, image in enumerate(document["images"]):
@@ -55,7 +65,7 @@ def page_sections(view: Mapping[str, Any], svc: Any, args: Mapping[str, str], *,
                 title = next((p["title"] for p in panels if p), method)
                 strips.append({"title": title, "range": strip_range(panels), "frames": frames,
                                "method": method_number, "panel": panel_number})
-        series = _probability_series(steps)
+        series = _probability_series(svc, steps, class_names)
         images.append({"file": image["file"], "strips": strips, "steps": len(steps),
                        "labels": labels,
                        "chart": line_chart_svg(labels, series, title="Top classes' "
@@ -81,19 +91,21 @@ def page_sections(view: Mapping[str, Any], svc: Any, args: Mapping[str, str], *,
     return {"images": images, "compare": compare, "charts": charts, "flips": flips}
 
 
-def _probability_series(steps: list[Mapping[str, Any]]) -> list[tuple[str, list[float | None]]]:
-    """The chart's classes from the stored top-k of each step (the page has no full
-    probability vectors; a class outside a step's top-k is drawn as a gap there)."""
+def _probability_series(svc: Any, steps: list[Mapping[str, Any]], class_names: list[str]
+                        ) -> list[tuple[str, list[float | None]]]:
+    """The chart's classes and their probability at every step, from each stored prediction's
+    full probability vector (a step whose prediction was evicted is a gap)."""
     import numpy as np
 
-    names: dict[int, str] = {}
-    rows = []
+    from app.errors import ConvscopeError
+
+    rows: list[np.ndarray | None] = []
     for step in steps:
-        row = {entry["index"]: entry["probability"] for entry in step["predictions"]}
-        names.update({entry["index"]: entry["label"] for entry in step["predictions"]})
-        rows.append(row)
-    if not rows:
-        return []
-    size = max(names) + 1
-    dense = [np.array([row.get(index, 0.0) for index in range(size)]) for row in rows]
-    return [(names[index], [row.get(index) for row in rows]) for index in chart_classes(dense)]
+        try:
+            path, _ = svc.results.file(step["prediction_key"], "probabilities.npy")
+            rows.append(np.load(path, allow_pickle=False))
+        except (ConvscopeError, OSError, ValueError):
+            rows.append(None)
+    return [(class_names[index] if index < len(class_names) else str(index),
+             [float(row[index]) if row is not None else None for row in rows])
+            for index in chart_classes(rows)]

@@ -292,6 +292,35 @@ def extend(job_id: str) -> Response | tuple[str, int]:
     return redirect(url_for("timelines.timeline", job_id=created.id), code=303)
 
 
+@timelines.post("/timelines/<job_id>/explain")
+def explain(job_id: str) -> Response:
+    """A flipped dataset image on the two checkpoints of the flip: a timeline over just those
+    two, so its page shows them side by side with their difference map."""
+    from app.dataset_catalog import DatasetCatalog
+    from app.datasets import read_dataset_file
+    from app.ingest import DEFAULT_MAX_BYTES, ingest_image
+
+    svc = _services()
+    job = timeline_job(svc, job_id)
+    flips = _flips(svc, job, request.form)
+    path = request.form.get("path", "")
+    if flips is None or path not in (*flips["right_to_wrong"], *flips["wrong_to_right"]):
+        raise NotFound("This image did not flip between these checkpoints.")
+    spec = job.spec
+    root = DatasetCatalog.from_settings(svc.settings).get(spec.dataset_id).path
+    stored = svc.images.put(ingest_image(read_dataset_file(root, path, DEFAULT_MAX_BYTES),
+                                         path.rsplit("/", 1)[-1]))
+    by_file = {c.file: c.model_id for c in spec.checkpoints}
+    payload = {"images": [stored.id], "filenames": {stored.id: path.replace("/", " \u203a ")},
+               "visualizations": [{"name": m.name, "params": dict(m.params)}
+                                  for m in spec.methods],
+               "targets": list(spec.targets),
+               "checkpoints": [by_file[flips["from"]], by_file[flips["to"]]]}
+    created = svc.executor.submit(parse_timeline_request(payload, svc))
+    return redirect(url_for("timelines.timeline", job_id=created.id, a=0, b=1) + "#compare-0",
+                    code=303)
+
+
 @timelines.post("/timelines/<job_id>/cancel")
 def cancel(job_id: str) -> Response:
     svc = _services()

@@ -204,6 +204,25 @@ def test_flips_between_any_two_checkpoints(make_app, saved) -> None:
     assert html.count('<figure class="filmstrip">') == 1
     assert "/difference/0/0/0.png?a=0&amp;b=4" in html or "a=0&amp;b=4" in html
 
+    # A flipped image, clicked: a timeline of that dataset image on the flip's two checkpoints.
+    page = client.get(f"/timelines/{view['id']}?a=0&b=1")
+    flipped = (neighbours["right_to_wrong"] + neighbours["wrong_to_right"])[0]
+    assert f'value="{flipped}"' in page.get_data(as_text=True)
+    form = {"csrf_token": csrf_from(page.data), "a": "0", "b": "1"}
+    assert client.post(f"/timelines/{view['id']}/explain",
+                       data={**form, "path": "red/none.png"}).status_code == 404
+    response = client.post(f"/timelines/{view['id']}/explain", data={**form, "path": flipped})
+    assert response.status_code == 303
+    job_id = response.headers["Location"].split("?")[0].rsplit("/", 1)[-1]
+    explained = wait_timeline(client, job_id)
+    assert [c["file"] for c in explained["timeline"]["checkpoints"]] == [saved[0].file,
+                                                                       saved[1].file]
+    assert explained["timeline"]["images"][0]["file"] == flipped.replace("/", " \u203a ")
+    tops = [step["predictions"][0]["index"] for step in explained["timeline"]["images"][0]["steps"]]
+    assert tops[0] != tops[1]           # it flipped, so the two checkpoints disagree
+    assert "img class=\"difference\"" in client.get(response.headers["Location"]).get_data(
+        as_text=True)
+
 
 def test_bad_requests_and_other_kinds(make_app) -> None:
     client = make_app().test_client()
