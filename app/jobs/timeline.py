@@ -34,6 +34,7 @@ from app.pipeline import (PREDICTED, MethodRequest, ModelIdentity, StoredInputs,
                           predict, prediction_key, visualization_key, visualize)
 from app.stores import result_key
 from app.timeline import dataset_figures, find_flips
+from visualizations.context import RunContext
 
 if TYPE_CHECKING:
     from app.jobs.resources import JobResources
@@ -132,6 +133,16 @@ class TimelineRun:
             self.job.cancel_event.set()
         if self.job.cancel_event.is_set():
             raise Cancelled(cancel_reason_text(self.stopping()))
+
+    def _poll_cancel(self, fraction: float) -> None:
+        """Progress callback of a long method: a cancel asked through any server process
+        sets the event the method checks between its batches."""
+        now = time.monotonic()
+        if now - self._last_checkpoint >= self.CHECKPOINT_S:
+            self._last_checkpoint = now
+            if self.services.jobs.cancel_requested(self.job) or self.stopping():
+                self.job.cancel_event.set()
+            self.services.jobs.save(self.job)
 
     def _advance(self, units: int = 1, *, model_runs: int = 0, cache_hits: int = 0) -> None:
         self._units_done += units
@@ -267,7 +278,11 @@ class TimelineRun:
                     if found is None:
                         model = self._load(checkpoint)
                         visualization = self.services.visualizations.get(method.name)
-                        panel_set = visualize(model, visualization, method, inputs, target)
+                        context = RunContext(progress=self._poll_cancel,
+                                             cancel_event=self.job.cancel_event,
+                                             batch_size=self.services.settings.batch_size)
+                        panel_set = visualize(model, visualization, method, inputs, target,
+                                              context)
                         found = self.services.results.put(
                             key, {**panel_set.record, "image": image_id,
                                   "checkpoint_sha256": checkpoint.sha256}, panel_set.files)
