@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 from app.errors import Cancelled, ConvscopeError, UnknownModel
 from app.jobs.record import Job, cancel_reason_text, error_dict
-from app.pipeline import (PREDICTED, MethodRequest, ModelIdentity, StoredInputs, image_targets,
-                          predict, prediction_key, visualization_key, visualize)
+from app.pipeline import (MethodRequest, ModelIdentity, StoredInputs, image_targets, predict,
+                          prediction_key, visualization_key, visualize)
 from app.stores import result_key
 from app.timeline import dataset_figures, find_flips
 from visualizations.context import RunContext
@@ -332,7 +332,8 @@ class TimelineRun:
                    "steps": [steps[number][n] for n in sorted(steps[number])]}
                   for number, image_id in enumerate(spec.images)]
         flips = find_flips([(c.file, correct.get(n)) for n, c in enumerate(spec.checkpoints)])
-        document = {"kind": "timeline", "checkpoints": records, "images": images, "flips": flips if scan is not None else [],
+        document = {"kind": "timeline", "checkpoints": records, "images": images,
+                    "flips": flips if scan is not None else [],
                     "methods": [method.name for method in spec.methods],
                     "dataset": ({"id": spec.dataset_id, "name": spec.dataset_name}
                                 if scan is not None else None)}

@@ -76,8 +76,8 @@ def test_the_timeline_page_in_chromium(chromium, tmp_path, run_directory: Path) 
         assert re.search(r"cat|tabby", last, re.IGNORECASE), last
         for number in range(2):
             image = frames.nth(number).locator("img")
-            wait_until(lambda: image.evaluate("img => img.complete && img.naturalWidth > 0"),
-                       30, "a frame to load")
+            wait_until(lambda image=image: image.evaluate(
+                "img => img.complete && img.naturalWidth > 0"), 30, "a frame to load")
         assert page.locator("svg.chart").count() == 1
 
         page.click("details.compare summary")

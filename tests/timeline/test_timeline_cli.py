@@ -111,9 +111,9 @@ def test_each_checkpoint_is_loaded_once_and_alone(outcome, saved) -> None:
 def test_predictions_agree_with_an_independent_computation(outcome, saved, images) -> None:
     document = outcome["document"]
     final = {}
-    for path, image_record in zip(images, document["images"]):
+    for path, image_record in zip(images, document["images"], strict=True):
         image = Image.open(path)
-        for checkpoint, step in zip(saved, image_record["steps"]):
+        for checkpoint, step in zip(saved, image_record["steps"], strict=True):
             reference = _reference_probabilities(checkpoint.state_dict, image)
             top = step["predictions"]
             assert top[0]["index"] == int(np.argmax(reference))
@@ -148,7 +148,7 @@ def test_accuracies_and_flips_agree_with_an_independent_computation(outcome, sav
     by_file = {c["file"]: c for c in document["checkpoints"]}
     references = [_reference_correct(outcome["dataset"], c.state_dict) for c in saved]
     accuracies = []
-    for checkpoint, correct in zip(saved, references):
+    for checkpoint, correct in zip(saved, references, strict=True):
         accuracy = sum(correct.values()) / len(correct)
         accuracies.append(accuracy)
         assert by_file[checkpoint.file]["accuracy"] == pytest.approx(accuracy, abs=1e-9)

@@ -101,22 +101,23 @@ def test_a_timeline_job_agrees_with_the_cli_and_a_repeat_reuses_everything(
     assert set(catalog._models) <= cached_before
 
     # The CLI on the same files says the same (one pipeline, one evaluation engine).
-    for path, (data, name) in zip((tmp_path / "orange.png", tmp_path / "teal.png"), pictures):
+    for path, (data, _) in zip((tmp_path / "orange.png", tmp_path / "teal.png"), pictures,
+                               strict=True):
         path.write_bytes(data)
     assert main(["timeline", str(run_dir), str(tmp_path / "orange.png"),
                  str(tmp_path / "teal.png"), "--method", "grad_cam", "--dataset",
                  str(dataset_root / "colours"), "--out", str(tmp_path / "cli"),
                  "--device", "cpu"]) == 0
     cli = json.loads((tmp_path / "cli" / "timeline.json").read_text())
-    for server_cp, cli_cp in zip(document["checkpoints"], cli["checkpoints"]):
+    for server_cp, cli_cp in zip(document["checkpoints"], cli["checkpoints"], strict=True):
         for field in ("file", "sha256", "epoch", "step", "order_by", "ok", "recall"):
             assert server_cp[field] == cli_cp[field], (field, server_cp, cli_cp)
         assert server_cp["accuracy"] == pytest.approx(cli_cp["accuracy"]) if cli_cp[
             "accuracy"] is not None else server_cp["accuracy"] is None
     assert document["flips"] == cli["flips"]
-    for server_image, cli_image in zip(document["images"], cli["images"]):
+    for server_image, cli_image in zip(document["images"], cli["images"], strict=True):
         assert server_image["targets"] == cli_image["targets"]
-        for server_step, cli_step in zip(server_image["steps"], cli_image["steps"]):
+        for server_step, cli_step in zip(server_image["steps"], cli_image["steps"], strict=True):
             assert server_step["checkpoint"] == cli_step["checkpoint"]
             assert [p["index"] for p in server_step["predictions"]] == \
                 [p["index"] for p in cli_step["predictions"]]
@@ -281,7 +282,8 @@ def test_the_timeline_form_runs_a_timeline(make_app) -> None:
     client = make_app().test_client()
     page = client.get("/timelines")
     assert page.status_code == 200 and b"epoch=2-step=20.pt" in page.data
-    data = {"csrf_token": csrf_from(page.data), "method": "grad_cam", "target": "predicted", "every": "1",
+    data = {"csrf_token": csrf_from(page.data), "method": "grad_cam", "target": "predicted",
+            "every": "1",
             "image": [(io.BytesIO(_png("green", "blue", 2)), "teal.png")]}
     response = client.post("/timelines", data=data, content_type="multipart/form-data")
     assert response.status_code == 303, response.get_data(as_text=True)[:500]
