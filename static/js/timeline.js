@@ -31,11 +31,14 @@
   }
 
   const known = new Set((root.dataset.known || "").split(",").filter(Boolean));
+  const created = Number(root.dataset.created || 0);
   async function pollModels() {
     try {
       const listing = await getJson(root.dataset.modelsUrl);
       const models = listing ? (listing.models || []) : [];
-      const fresh = models.filter((model) => model.ok && !known.has(model.id));
+      // Written after the timeline was asked for (a checkpoint left out by "every" is not new).
+      const fresh = models.filter((model) => model.ok && !known.has(model.id) &&
+                                             model.modified > created);
       const notice = document.getElementById("new-checkpoints");
       if (fresh.length && notice) {
         document.getElementById("new-checkpoints-text").textContent =
