@@ -10,7 +10,12 @@ ran out of memory, which is retried every ``retry_seconds``.
 
 Loading a file is the only way to learn its metadata (architecture, classes, CAM layers), so a
 scan loads every new file once; the metadata of all files stays, while the modules themselves
-live in a small LRU so a directory of many checkpoints does not exhaust memory.
+live in a small LRU so a directory of many checkpoints does not exhaust memory. A caller walking
+many checkpoints (a timeline) loads with ``remember=False`` so it never fills that LRU.
+
+Each file's training progress (``app.checkpoint_order``: epoch/step stored in its wrapper, else
+its name, else its mtime) is read at the same time, without running code; ``in_training_order``
+lists the entries by it.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ from typing import Any
 
 import torch
 
+from app.checkpoint_order import (TrainingProgress, in_training_order, read_progress,
+                                  training_progress)
 from app.errors import CheckpointUnreadable, ConvscopeError, DeviceOOM, UnknownModel
 from model_adapters import LoadedModel, ModelMeta, load_checkpoint
 from model_adapters.checkpoint_file import CHECKPOINT_SUFFIXES
@@ -56,6 +63,7 @@ class CatalogEntry:
     sha256: str
     meta: ModelMeta | None
     error: ConvscopeError | None
+    progress: TrainingProgress | None = None     # how far training had got (None: config error)
 
     def to_dict(self) -> dict[str, Any]:
         meta = self.meta
@@ -87,6 +95,7 @@ class _Loaded:
     meta: ModelMeta | None
     error: ConvscopeError | None
     retry_at: float | None = None   # monotonic time to load again after a transient failure
+    progress: TrainingProgress | None = None
 
 
 class ModelCatalog:
@@ -133,8 +142,18 @@ class ModelCatalog:
         raise UnknownModel(f"Unknown model {str(entry_id)[:40]!r}.",
                            fields={"model": "an id from the model list, or 'latest'"})
 
-    def load(self, entry_id: str) -> LoadedModel:
-        """The loaded model for an entry (cached; reloaded from disk after LRU eviction)."""
+    def in_training_order(self) -> list[CatalogEntry]:
+        """All settled checkpoints, first-trained first (``app.checkpoint_order``); files that
+        failed to load keep their place by name or time."""
+        return in_training_order(
+            self.entries(),
+            lambda entry: entry.progress or training_progress(entry.file, entry.modified),
+            lambda entry: entry.file)
+
+    def load(self, entry_id: str, *, remember: bool = True) -> LoadedModel:
+        """The loaded model for an entry (cached; reloaded from disk after LRU eviction).
+        ``remember=False`` returns a cached model when there is one but does not cache a new
+        load, so walking many checkpoints keeps at most one of them alive (the caller's)."""
         entry = self.get(entry_id)
         if entry.error is not None:
             raise entry.error
@@ -155,7 +174,8 @@ class ModelCatalog:
                                    "pick it again from the model list.")
             loaded = load_checkpoint(path, self._config, self.device, trust_code=self.trust_code)
             loaded.meta = _with_file_facts(loaded.meta, entry.file, entry.sha256, entry.modified)
-            self._remember(key, loaded)
+            if remember:
+                self._remember(key, loaded)
             return loaded
 
     def refresh(self) -> None:
@@ -249,7 +269,8 @@ class ModelCatalog:
         # Running out of device memory says nothing about the file (another job held the
         # memory): load this version again later instead of listing it as broken for good.
         retry_at = time.monotonic() + self.retry_seconds if isinstance(error, DeviceOOM) else None
-        return _Loaded(key, sha256, meta, error, retry_at)
+        progress = read_progress(state.path, state.mtime_ns / 1e9)
+        return _Loaded(key, sha256, meta, error, retry_at, progress)
 
     def _publish(self, results: dict[str, _Loaded]) -> None:
         entries = []
@@ -260,7 +281,8 @@ class ModelCatalog:
             entries.append(CatalogEntry(
                 id=entry_id, file=name, ok=outcome.meta is not None, latest=False,
                 modified=mtime_ns / 1e9, size=size,
-                sha256=outcome.sha256, meta=outcome.meta, error=outcome.error))
+                sha256=outcome.sha256, meta=outcome.meta, error=outcome.error,
+                progress=outcome.progress))
             entry_keys[entry_id] = outcome.key
         entries.sort(key=lambda entry: (entry.modified, entry.file), reverse=True)
         for index, entry in enumerate(entries):
@@ -297,29 +319,9 @@ class ModelCatalog:
             self._config, self._config_error = None, error
 
     def _candidate_files(self) -> list[_FileState]:
-        if self._config is not None and self._config.model.weights is not None:
-            path = self._config.weights_path()
-            assert path is not None
-            state = self._file_state(path, path.name)
-            return [state] if state is not None else []
-        try:
-            listing = list(os.scandir(self.directory))
-        except OSError:
-            log.warning("The checkpoint directory cannot be listed.")
-            return []
-        root = self.directory.resolve()
         files = []
-        for item in listing:
-            if item.name.startswith(".") or not item.name.endswith(CHECKPOINT_SUFFIXES):
-                continue
-            path = Path(item.path)
-            if item.is_symlink():
-                try:  # a link may point anywhere; only list targets inside the directory
-                    path.resolve(strict=True).relative_to(root)
-                except (OSError, ValueError, RuntimeError):
-                    log.info("Skipping %s: a symlink to outside the directory.", item.name)
-                    continue
-            state = self._file_state(path, item.name)
+        for path, name in checkpoint_files(self.directory, self._config):
+            state = self._file_state(path, name)
             if state is not None:
                 files.append(state)
         return files
@@ -357,6 +359,43 @@ class ModelCatalog:
                 self._models.popitem(last=False)
 
 
+def checkpoint_files(directory: Path, config: CheckpointConfig | None) -> list[tuple[Path, str]]:
+    """(path, name) of every file the catalog lists: the config's ``weights`` file alone, else
+    the directory's checkpoint files (links only when they point inside the directory)."""
+    if config is not None and config.model.weights is not None:
+        path = config.weights_path()
+        assert path is not None
+        return [(path, path.name)]
+    try:
+        listing = list(os.scandir(directory))
+    except OSError:
+        log.warning("The checkpoint directory cannot be listed.")
+        return []
+    root = Path(directory).resolve()
+    files = []
+    for item in listing:
+        if item.name.startswith(".") or not item.name.endswith(CHECKPOINT_SUFFIXES):
+            continue
+        path = Path(item.path)
+        if item.is_symlink():
+            try:  # a link may point anywhere; only list targets inside the directory
+                path.resolve(strict=True).relative_to(root)
+            except (OSError, ValueError, RuntimeError):
+                log.info("Skipping %s: a symlink to outside the directory.", item.name)
+                continue
+        files.append((path, item.name))
+    return files
+
+
+def file_sha256(path: Path) -> str:
+    return _sha256(path)
+
+
+def with_file_facts(meta: ModelMeta, name: str, sha256: str, modified: float) -> ModelMeta:
+    """``meta`` naming the checkpoint file it was loaded from (as the catalog's models do)."""
+    return _with_file_facts(meta, name, sha256, modified)
+
+
 def _with_file_facts(meta: ModelMeta, name: str, sha256: str, modified: float) -> ModelMeta:
     return dataclasses.replace(meta, checkpoint_file=name, sha256=sha256, mtime=modified)
 
@@ -377,4 +416,5 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["CatalogEntry", "ModelCatalog", "demo_directory", "LATEST"]
+__all__ = ["CatalogEntry", "ModelCatalog", "checkpoint_files", "demo_directory", "file_sha256",
+           "with_file_facts", "LATEST"]

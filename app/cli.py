@@ -1,4 +1,5 @@
-"""The ``convscope`` console script: ``serve``, ``check``, ``visualize`` and ``evaluate``.
+"""The ``convscope`` console script: ``serve``, ``check``, ``visualize``, ``evaluate`` and
+``timeline``.
 
 This module only parses arguments and dispatches; each command lives in its own module.
 No DIR means the bundled demo.
@@ -88,6 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="NAME.KEY=VALUE", help="a method parameter (repeatable)")
     evaluate.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json to stdout")
+
+    timeline = commands.add_parser("timeline", help="the same images (and a dataset) across a "
+                                                    "training run's checkpoints")
+    timeline.add_argument("paths", nargs="+", metavar="[DIR] IMAGE",
+                          help="optional checkpoint directory, then one or more images")
+    timeline.add_argument("--device", default=os.environ.get("CONVSCOPE_DEVICE", "auto"))
+    timeline.add_argument("--trust-code", action="store_true",
+                          default=_env_flag("CONVSCOPE_TRUST_CODE"))
+    timeline.add_argument("--method", action="append", default=None, dest="methods",
+                          metavar="NAME", help="visualization to run per checkpoint "
+                                               "(repeatable; none: predictions only)")
+    timeline.add_argument("--param", action="append", default=[], dest="params",
+                          metavar="NAME.KEY=VALUE", help="a method parameter (repeatable)")
+    timeline.add_argument("--target", action="append", default=None, dest="targets",
+                          metavar="predicted|INDEX|LABEL",
+                          help="class to explain (repeatable; default: each image's predicted "
+                               "class at the last checkpoint)")
+    timeline.add_argument("--dataset", default=None, metavar="DATASET",
+                          help="labelled dataset folder: accuracy per checkpoint and flips")
+    timeline.add_argument("--every", type=int, default=1, metavar="K",
+                          help="every K-th checkpoint (the first and the last always)")
+    timeline.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
+    timeline.add_argument("--json", action="store_true", help="print timeline.json to stdout")
     return parser
 
 
@@ -113,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.evaluate_cli import evaluate_command
 
         return evaluate_command(args)
+    if args.command == "timeline":
+        from app.timeline_cli import timeline_command
+
+        return timeline_command(args)
     from app.report import visualize_command
 
     return visualize_command(args)

@@ -170,6 +170,8 @@ def job(job_id: str) -> Response:
     found = svc.jobs.get(job_id)
     if found.kind == "evaluate":        # dataset mode has its own view of its jobs
         return redirect(url_for("evaluations_api.evaluation", job_id=job_id), code=303)
+    if found.kind == "timeline":
+        return redirect(url_for("timelines_api.timeline_json", job_id=job_id), code=303)
     return jsonify(job_view(found, svc))
 
 
@@ -178,6 +180,8 @@ def cancel_job(job_id: str) -> Response:
     svc = _services()
     if svc.jobs.get(job_id).kind == "evaluate":
         return redirect(url_for("evaluations_api.cancel_evaluation", job_id=job_id), code=307)
+    if svc.jobs.get(job_id).kind == "timeline":
+        return redirect(url_for("timelines_api.cancel_timeline", job_id=job_id), code=307)
     return jsonify(job_view(svc.executor.cancel(job_id), svc))
 
 
