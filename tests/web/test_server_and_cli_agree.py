@@ -10,10 +10,11 @@ from tests.web.conftest import png_bytes, run_job, upload
 
 METHODS = [{"name": "grad_cam", "params": {"relu": False}},
            {"name": "occlusion", "params": {"window": 8, "stride": 4}},
-           {"name": "partial_occlusion", "params": {"positions": 3}}]
+           {"name": "partial_occlusion", "params": {"positions": 4}}]
 TARGETS = ["predicted", "bird"]
 # Everything in a panel record but its file paths, which name where the files were written.
-SHARED_FIELDS = ("title", "kind", "signed", "target", "value_range", "metrics", "notes")
+SHARED_FIELDS = ("title", "kind", "signed", "target", "value_range", "metrics", "notes",
+                 "faithfulness")
 
 
 def _server_arrays(client, job: dict) -> dict[tuple[str, int, int], tuple[bytes, dict]]:
