@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from app.errors import BadParameter, ConvscopeError, ImageUnsupported, NotFound, StorageFull
 from app.faithfulness_scores import FaithfulnessScorer
-from app.faithfulness_scores import verdict as faithfulness_verdict
+from app.faithfulness_scores import panel_verdict
 from app.pipeline import (PREDICTED, MethodRequest, grid_cell, image_targets, mark_panel_roles,
                           method_request, predict, target_spec, visualize, write_panel_set)
 
@@ -297,7 +297,7 @@ def _page_panel(panel: dict[str, Any], files: dict[str, bytes], stored: dict[str
     return {**panel, "heatmap_url": pictures.add(files[stored["heatmap"]]),
             "heatmap_file": panel["heatmap"], "overlay_url": panel["overlay"],
             "array_url": panel["array"], "json_url": "results.json",
-            "faithfulness_verdict": faithfulness_verdict(panel.get("faithfulness"))}
+            "faithfulness_verdict": panel_verdict(panel)}
 
 
 def model_record(model: "LoadedModel") -> dict[str, Any]:

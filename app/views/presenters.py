@@ -10,7 +10,7 @@ from urllib.parse import quote
 from flask import url_for
 
 from app.errors import ResultExpired
-from app.faithfulness_scores import verdict as faithfulness_verdict
+from app.faithfulness_scores import panel_verdict
 from app.pipeline import mark_panel_roles
 from app.rendering import scale_description
 
@@ -56,7 +56,7 @@ def _panel(key: str, panel: dict[str, Any]) -> dict[str, Any]:
             "metrics": panel["metrics"], "notes": panel["notes"],
             # None where unscored (and on records stored before scoring existed).
             "faithfulness": panel.get("faithfulness"),
-            "faithfulness_verdict": faithfulness_verdict(panel.get("faithfulness"))}
+            "faithfulness_verdict": panel_verdict(panel)}
 
 
 def _display_before_scaling(panel: dict[str, Any]) -> dict[str, Any] | None:
