@@ -184,8 +184,13 @@ def test_verdict_rule_needs_both_curves_beyond_a_tenth_of_the_probability() -> N
     # And never below 0.01, however unlikely the class.
     assert not verdict({**base, "deletion_auc": 0.495, "insertion_auc": 0.505},
                        0.001)["better_than_random"]
-    summary = verdict({**base, "deletion_auc": 0.6, "insertion_auc": 0.7}, 0.8)["summary"]
-    assert "worse by 0.100" in summary and "better by 0.200" in summary
+    mixed = verdict({**base, "deletion_auc": 0.6, "insertion_auc": 0.7}, 0.8)
+    assert "worse by 0.100" in mixed["summary"] and "better by 0.200" in mixed["summary"]
+    assert (mixed["state"], mixed["label"]) == ("mixed", "better than random on insertion only")
+    assert not mixed["better_than_random"]
+    poor = verdict({**base, "deletion_auc": 0.5, "insertion_auc": 0.5}, 0.8)
+    assert (poor["state"], poor["label"]) == ("poor", "no better than random")
+    assert verdict({**base, "deletion_auc": 0.41, "insertion_auc": 0.59}, 0.8)["state"] == "good"
 
 
 def test_cache_key_distinguishes_scored_results() -> None:

@@ -29,8 +29,8 @@ def _assert_scored(panels: list[dict]) -> None:
         if panel["kind"] == "heatmap" and panel["target"] is not None:
             assert set(panel["faithfulness"]) == SCORE_KEYS
             assert all(0.0 <= value <= 1.0 for value in panel["faithfulness"].values())
-            assert set(panel["faithfulness_verdict"]) == {"better_than_random", "label",
-                                                          "summary"}
+            assert set(panel["faithfulness_verdict"]) == {"better_than_random", "state",
+                                                          "label", "summary"}
         else:
             assert panel["faithfulness"] is None and panel["faithfulness_verdict"] is None
 
@@ -118,11 +118,12 @@ def test_one_random_reference_per_image_and_target_in_a_job(client, image,
 def test_the_detail_view_shows_the_badge(client, image) -> None:
     job = run_job(client, [image], METHODS)
     html = client.get(f"/jobs/{job['id']}/views/detail-0-0").get_data(as_text=True)
-    badges = re.findall(r'<span class="badge (faithful-good|faithful-poor)" title="([^"]*)">'
-                        r'(faithful: better than random|no better than random)</span>', html)
+    badges = re.findall(r'<span class="badge faithful-(good|mixed|poor)" title="([^"]*)">'
+                        r'([^<]*)</span>', html)
     assert len(badges) == 1, html
-    kind, title, label = badges[0]
-    assert (kind == "faithful-good") == (label == "faithful: better than random")
+    state, title, label = badges[0]
+    verdict = _panels(job)[0]["faithfulness_verdict"]
+    assert (state, label) == (verdict["state"], verdict["label"])
     scores = _panels(job)[0]["faithfulness"]
     assert f"{scores['deletion_auc']:.3f}" in title and f"{scores['insertion_auc']:.3f}" in title
     assert '<details class="faithfulness-help"><summary>what is this?</summary>' in html
@@ -154,7 +155,7 @@ def test_cli_scores_by_default_and_not_with_the_flag(checkpoint_dir, tmp_path) -
         expected = panel["kind"] == "heatmap" and panel["target"] is not None
         assert (set(panel["faithfulness"]) == SCORE_KEYS) if expected else \
             panel["faithfulness"] is None
-    assert re.search(r'class="badge faithful-(good|poor)" title="Deletion AUC', html)
+    assert re.search(r'class="badge faithful-(good|mixed|poor)" title="Deletion AUC', html)
     assert "faithfulness_verdict" not in json.dumps(scored), "results.json: records only"
 
     plain, html = _cli(checkpoint_dir, tmp_path, "--no-faithfulness")
