@@ -92,12 +92,15 @@ def fill_key(params: Mapping[str, Any]) -> tuple[str, int | float | None]:
 
 
 def evaluations_per_target(methods: Sequence[Any], meta: "ModelMeta") -> int:
-    """Model evaluations that scoring adds per image and target for ``methods`` (objects with
-    ``name`` and ``params``): 66 per scored panel, and 198 per distinct fill for the random
-    reference (shared by the methods)."""
+    """Model evaluations that scoring adds per image and requested target for ``methods``
+    (objects with ``name`` and ``params``), an upper bound: 66 per scored panel, and 198 per
+    random reference -- one per fill for the requested target, shared by the methods, plus one
+    for every other class a method's panels are about (partial occlusion's other top classes,
+    the adversarial method's original class)."""
     panels = sum(scored_panels(method.name, method.params, meta) for method in methods)
-    fills = {fill_key(method.params) for method in methods}
-    return engine.EVALUATIONS_PER_MAP * panels + engine.REFERENCE_EVALUATIONS * len(fills)
+    references = len({fill_key(method.params) for method in methods})
+    references += sum(scored_panels(method.name, method.params, meta) - 1 for method in methods)
+    return engine.EVALUATIONS_PER_MAP * panels + engine.REFERENCE_EVALUATIONS * references
 
 
 # --- the verdict ---------------------------------------------------------------------------------

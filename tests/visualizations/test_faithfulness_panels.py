@@ -129,6 +129,27 @@ def test_the_random_reference_is_computed_once_per_image_and_target(tiny_inputs,
     assert len(counted_references) == 4
 
 
+def test_the_cost_estimate_bounds_the_references_of_every_method(tiny_inputs,
+                                                                 counted_references) -> None:
+    """Each method alone, with a fresh scorer: the references it computes (partial occlusion:
+    one per class shown) fit in what ``evaluations_per_target`` counts for it."""
+    model, inputs = tiny_inputs
+    for name in visualization_registry.names():
+        request = _request(name, model)
+        counted_references.clear()
+        panel_set = visualize(model, visualization_registry.get(name), request, inputs,
+                              inputs.predicted, scorer=FaithfulnessScorer())
+        panels = sum(panel["faithfulness"] is not None for panel in panel_set.record["panels"])
+        used = panels * engine.EVALUATIONS_PER_MAP + \
+            len(counted_references) * engine.REFERENCE_EVALUATIONS
+        assert used <= evaluations_per_target([request], model.meta), name
+    partial = _request("partial_occlusion", model, top_k=3)
+    counted_references.clear()
+    visualize(model, visualization_registry.get("partial_occlusion"), partial, inputs,
+              inputs.predicted, scorer=FaithfulnessScorer())
+    assert sorted(counted_references) == [0, 1, 2]
+
+
 def test_the_reference_cache_is_bounded(tiny_inputs, counted_references) -> None:
     model, inputs = tiny_inputs
     scorer = FaithfulnessScorer(reference_cache_size=1)
@@ -205,10 +226,11 @@ def test_cost_estimate_counts_panels_and_shared_references() -> None:
     meta = wrap(TinyCnn(classes=3), class_names=("red", "green", "blue")).meta
     methods = [MethodRequest("grad_cam", {}, 1, 1), MethodRequest("saliency", {}, 16, 1),
                MethodRequest("partial_occlusion", {"top_k": 2, "fill": "mean"}, 65, 1)]
-    # 4 scored panels x 66, one shared reference (every fill is the mean) x 198.
-    assert evaluations_per_target(methods, meta) == 4 * 66 + 198
+    # 4 scored panels x 66; one reference shared for the target (every fill is the mean) and
+    # one for partial occlusion's second class, x 198.
+    assert evaluations_per_target(methods, meta) == 4 * 66 + 2 * 198
     gray = MethodRequest("occlusion", {"fill": "gray", "window": 4}, 100, 1)
-    assert evaluations_per_target([*methods, gray], meta) == 5 * 66 + 2 * 198
+    assert evaluations_per_target([*methods, gray], meta) == 5 * 66 + 3 * 198
 
 
 def test_unscored_panel_kinds() -> None:
