@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="predicted|INDEX|LABEL", help="target class (repeatable)")
     visualize.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     visualize.add_argument("--json", action="store_true", help="print results.json to stdout")
+    visualize.add_argument("--no-faithfulness", action="store_false", dest="faithfulness",
+                           default=os.environ.get("CONVSCOPE_FAITHFULNESS", "1").strip().lower()
+                           not in ("0", "false", "no", "off"),
+                           help="skip the deletion/insertion faithfulness scores (66 forward "
+                                "passes per panel; env CONVSCOPE_FAITHFULNESS=0)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a labelled dataset folder and "
                                                     "report its failure cases")

@@ -14,13 +14,17 @@ panels through these functions; a new caller composes them and never copies them
 The panel record is the same everywhere (result store, job API, the CLI's ``results.json``)::
 
     {"title", "kind", "signed", "target", "value_range", "display", "metrics", "notes",
-     "overlay", "heatmap", "array"}
+     "faithfulness", "overlay", "heatmap", "array"}
 
 with file names relative to where the files are written; an image panel (``kind="image"``, e.g.
 the occlusion grid) is stored once and named by both ``overlay`` and ``heatmap``, and has no
 ``display`` (None). ``value_range`` is the values' own range; ``display`` is the colour range
 the pictures use (``app.rendering.DisplayScale.record``: the method's clip percentile, its
 description for the legend, the ranges of the other clip choices, the smoothed view's sigma).
+``faithfulness`` is ``{"deletion_auc", "insertion_auc", "random_deletion_auc",
+"random_insertion_auc"}`` (``app.faithfulness_scores``) on every scored panel -- a heatmap with
+a target, when scoring is on -- and None on the others (image panels, panels without a target,
+or scoring turned off).
 
 No HTTP, no job records and no disk here besides ``write_panel_set``: the job executor puts a
 ``PanelSet`` into the ``ResultStore``, the CLI into its report folder.
@@ -32,6 +36,7 @@ import functools
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -39,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from app.errors import BadParameter, MethodUnsupported
+from app.faithfulness_scores import FAITHFULNESS_VERSION
+from app.faithfulness_scores import evaluations_per_target as faithfulness_cost
 from app.rendering import (OVERLAY_OPACITY, DisplayDefaults, display_scale, encode_png,
                            render_panel)
 from app.stores import canonical_json, result_key
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from app.faithfulness_scores import FaithfulnessScorer
     from model_adapters.base import LoadedModel, ModelMeta
     from visualizations.base import Panel, Visualization
 
@@ -62,7 +70,7 @@ RENDERING_VERSION = 2
 PANEL_FILE_FIELDS = ("overlay", "heatmap", "array")
 # ``primary`` and ``role`` are added per image by mark_panel_roles.
 PANEL_FIELDS = {"title", "kind", "signed", "target", "value_range", "display", "metrics",
-                "notes", "primary", "role", *PANEL_FILE_FIELDS}
+                "notes", "faithfulness", "primary", "role", *PANEL_FILE_FIELDS}
 
 
 # --- what to compute ----------------------------------------------------------------------------
@@ -156,11 +164,14 @@ def prediction_key(image_id: str, model: ModelIdentity, top_k: int,
 
 
 def visualization_key(image_id: str, model: ModelIdentity, request: MethodRequest,
-                      target: int) -> str:
+                      target: int, *, faithfulness: bool = False) -> str:
+    """A stored visualization's key; one with faithfulness scores is another result than one
+    without, so a result without scores is never served where scores are wanted."""
     return result_key(kind="visualization", image=image_id, checkpoint=model.checkpoint_sha256,
                       meta=model.meta_fingerprint, method=request.name,
                       version=request.version, rendering=RENDERING_VERSION,
-                      params=request.params, target=target)
+                      params=request.params, target=target,
+                      faithfulness=FAITHFULNESS_VERSION if faithfulness else 0)
 
 
 # --- predicting ---------------------------------------------------------------------------------
@@ -245,26 +256,54 @@ class PanelSet:
 
 
 def visualize(model: "LoadedModel", visualization: "Visualization", request: MethodRequest,
-              inputs: Any, target: int, context: RunContext | None = None) -> PanelSet:
+              inputs: Any, target: int, context: RunContext | None = None, *,
+              scorer: "FaithfulnessScorer | None" = None) -> PanelSet:
     """Run ``visualization`` with ``request``'s parameters on one image (``inputs``: a
-    ``Prediction`` or ``StoredInputs``) for class ``target``, and render its panels."""
+    ``Prediction`` or ``StoredInputs``) for class ``target``, and render its panels; with a
+    ``scorer``, score each panel's faithfulness too (its random references shared with every
+    other call given the same scorer)."""
+    context = context or RunContext()
     params = visualization.parse_params(request.params, model.meta)
-    result = visualization.run(model, inputs.batch, [target], params, context,
+    # With scoring, the method's progress is its share of the evaluations, scoring the rest.
+    method_share = 1.0
+    if scorer is not None:
+        method_share = request.cost / (request.cost + faithfulness_cost([request], model.meta))
+    result = visualization.run(model, inputs.batch, [target], params,
+                               _progress_share(context, 0.0, method_share),
                                probabilities=inputs.probabilities)
+    scores: list[dict[str, float] | None] = [None] * len(result.panels)
+    faithfulness_ms = None
+    if scorer is not None:
+        started = time.perf_counter()
+        scores = scorer.score_panels(model, visualization.name, result.params, inputs.batch,
+                                     result.panels, _progress_share(context, method_share, 1.0))
+        faithfulness_ms = round((time.perf_counter() - started) * 1000.0, 3)
     files: dict[str, bytes] = {}
     defaults = DisplayDefaults.of(visualization)
-    panels = [panel_record(number, panel, inputs.view, files, defaults)
+    panels = [panel_record(number, panel, inputs.view, files, defaults, scores[number])
               for number, panel in enumerate(result.panels)]
     record = {"kind": "visualization", "method": visualization.name,
               "title": visualization.title, "version": request.version, "params": result.params,
-              "target": target, "elapsed_ms": round(result.elapsed_ms, 3), "panels": panels}
+              "target": target, "elapsed_ms": round(result.elapsed_ms, 3),
+              "faithfulness_ms": faithfulness_ms, "panels": panels}
     return PanelSet(record, files)
 
 
+def _progress_share(context: RunContext, start: float, stop: float) -> RunContext:
+    """``context`` reporting its progress 0..1 as ``start``..``stop`` of the whole."""
+    if context.progress is None or (start, stop) == (0.0, 1.0):
+        return context
+    report = context.report
+    return RunContext(progress=lambda fraction: report(start + (stop - start) * fraction),
+                      cancel_event=context.cancel_event, batch_size=context.batch_size)
+
+
 def panel_record(number: int, panel: "Panel", view: "Image.Image", files: dict[str, bytes],
-                 defaults: DisplayDefaults = DisplayDefaults()) -> dict[str, Any]:
+                 defaults: DisplayDefaults = DisplayDefaults(),
+                 faithfulness: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Render one panel into ``files`` at its default display scale (``defaults``: the
-    method's) and describe it (the one panel record shape). The array is stored as computed."""
+    method's) and describe it (the one panel record shape) with its ``faithfulness`` scores
+    (None: not scored). The array is stored as computed."""
     prefix = f"panel-{number}"
     scale = display_scale(panel, defaults) if panel.kind == "heatmap" else None
     rendered = render_panel(panel, view, OVERLAY_OPACITY,
@@ -286,6 +325,7 @@ def panel_record(number: int, panel: "Panel", view: "Image.Image", files: dict[s
             "display": scale.record(panel, defaults) if scale is not None else None,
             "metrics": {name: float(value) for name, value in panel.metrics.items()},
             "notes": list(panel.notes),
+            "faithfulness": dict(faithfulness) if faithfulness is not None else None,
             "overlay": overlay, "heatmap": heatmap, "array": f"{prefix}-values.npy"}
 
 

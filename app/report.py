@@ -6,7 +6,10 @@ means the bundled demo), runs the requested methods on every image and writes in
 * ``results.json`` -- ``{"model": {...}, "images": [{"file", "predictions", "visualizations":
   [{"method", "params", "elapsed_ms", "panels": [<panel record>]}]}]}``, where a panel record is
   the one the server stores (``app.pipeline.panel_record``: title, kind, signed, target,
-  value_range, display, metrics, notes, overlay, heatmap, array), with paths relative to OUTDIR;
+  value_range, display, metrics, notes, faithfulness, overlay, heatmap, array), with paths
+  relative to OUTDIR; ``faithfulness`` holds the deletion/insertion scores
+  (``app.faithfulness_scores``; None for image panels, and on all panels with
+  ``--no-faithfulness``);
 * the PNGs and ``.npy`` arrays those paths name;
 * ``report.html`` -- one self-contained page (images inlined as data URIs, the job page's
   stylesheet inline, no script) with the job page's results grid, detail and compare views
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
 from app.errors import BadParameter, ConvscopeError, ImageUnsupported, NotFound, StorageFull
+from app.faithfulness_scores import FaithfulnessScorer
+from app.faithfulness_scores import panel_verdict
 from app.pipeline import (PREDICTED, MethodRequest, grid_cell, image_targets, mark_panel_roles,
                           method_request, predict, target_spec, visualize, write_panel_set)
 
@@ -93,9 +98,11 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"model": model_record(model), "images": []}
     pages: list[dict[str, Any]] = []
     pictures = Pictures()
+    scorer = FaithfulnessScorer() if getattr(args, "faithfulness", True) else None
     for number, (path, image) in enumerate(images):
         record, page = visualize_image(model, image, path, f"{number:02d}-{_slug(path.stem)}",
-                                       requests, targets, out_dir, pictures)
+                                       requests, targets, out_dir, pictures,
+                                       faithfulness=scorer or False)
         results["images"].append(record)
         pages.append(page)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -234,11 +241,17 @@ class Pictures:
 
 def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug: str,
                     requests: Sequence[MethodRequest], targets: Sequence[int | str],
-                    out_dir: Path, pictures: Pictures) -> tuple[dict[str, Any], dict[str, Any]]:
+                    out_dir: Path, pictures: Pictures, *,
+                    faithfulness: "FaithfulnessScorer | bool" = True
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run every method on one image through the pipeline; write its files; return
-    (results.json record, the data the HTML page needs)."""
+    (results.json record, the data the HTML page needs). ``faithfulness``: score the panels
+    with this scorer (shared across images: one random reference per image x target), with a
+    new one (True), or not at all (False)."""
     from app.rendering import encode_png
     from visualizations import visualization_registry
+
+    scorer = (FaithfulnessScorer() if faithfulness is True else faithfulness or None)
 
     prediction = predict(model, image, TOP_K)
     view_png = encode_png(prediction.view.convert("RGB"))
@@ -258,7 +271,7 @@ def visualize_image(model: "LoadedModel", image: "Image.Image", path: Path, slug
         page_panels: list[dict[str, Any]] = []
         elapsed_ms, params = 0.0, dict(request.params)
         for target in image_targets(model.meta, targets, prediction.predicted):
-            panel_set = visualize(model, method, request, prediction, target)
+            panel_set = visualize(model, method, request, prediction, target, scorer=scorer)
             written = write_panel_set(panel_set, out_dir, f"{slug}/{method.name}-t{target}-")
             panels.extend(written)
             page_panels.extend(_page_panel(panel, panel_set.files, stored, pictures)
@@ -283,7 +296,8 @@ def _page_panel(panel: dict[str, Any], files: dict[str, bytes], stored: dict[str
     report is one self-contained file), downloads as paths relative to the report."""
     return {**panel, "heatmap_url": pictures.add(files[stored["heatmap"]]),
             "heatmap_file": panel["heatmap"], "overlay_url": panel["overlay"],
-            "array_url": panel["array"], "json_url": "results.json"}
+            "array_url": panel["array"], "json_url": "results.json",
+            "faithfulness_verdict": panel_verdict(panel)}
 
 
 def model_record(model: "LoadedModel") -> dict[str, Any]:

@@ -76,6 +76,11 @@ class Settings:
         "help": "compute how far to believe each prediction (test-time augmentation, MC "
                 "dropout, entropy, an out-of-distribution hint): about 16 extra forward passes "
                 "per image, in two small batches"})
+    faithfulness: bool = field(default=True, metadata={
+        "help": "score every map's faithfulness (deletion and insertion against random "
+                "rankings, shown as a badge on each panel): 66 extra batched forward passes per "
+                "panel, 198 more per image and target; a job's \"faithfulness\" field "
+                "overrides it"})
     batch_size: int | None = field(default=None, metadata={
         "help": "perturbation/step batch size for the methods (default: each method decides)",
         "min": 1})

@@ -21,6 +21,9 @@ class JobSpec:
     methods: tuple[MethodRequest, ...]
     targets: tuple[int | str, ...]            # app.pipeline.PREDICTED or a class index
     true_labels: Mapping[str, int]            # image id -> class index
+    # Score every panel's faithfulness (app.faithfulness_scores). A record written before
+    # scoring existed reads as False: its cost was checked without it.
+    faithfulness: bool = False
 
     kind: ClassVar[str] = "visualize"
 
@@ -37,7 +40,8 @@ class JobSpec:
                 "meta_fingerprint": self.meta_fingerprint, "images": list(self.images),
                 "filenames": list(self.filenames),
                 "methods": [method.to_dict() for method in self.methods],
-                "targets": list(self.targets), "true_labels": dict(self.true_labels)}
+                "targets": list(self.targets), "true_labels": dict(self.true_labels),
+                "faithfulness": self.faithfulness}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "JobSpec":
@@ -46,4 +50,5 @@ class JobSpec:
                    meta_fingerprint=data["meta_fingerprint"], images=tuple(data["images"]),
                    filenames=tuple(data["filenames"]),
                    methods=tuple(MethodRequest.from_dict(m) for m in data["methods"]),
-                   targets=tuple(data["targets"]), true_labels=dict(data["true_labels"]))
+                   targets=tuple(data["targets"]), true_labels=dict(data["true_labels"]),
+                   faithfulness=bool(data.get("faithfulness", False)))

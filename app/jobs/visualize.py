@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from app.errors import Cancelled, ConvscopeError, Internal, UnknownModel
+from app.faithfulness_scores import FaithfulnessScorer
 from app.jobs.record import (CANCELLED, DONE, FAILED, RUNNING, ImageOutcome, Job, JobItem,
                              cancel_reason_text, error_dict)
 from app.pipeline import (MethodRequest, StoredInputs, image_targets, predict, prediction_key,
@@ -45,6 +46,9 @@ class VisualizeRun:
         self._model_hooks: set[Any] = set()
         self._load_error: ConvscopeError | None = None
         self._last_checkpoint = time.monotonic()
+        # One per job: each random reference is computed once per image x target, for all
+        # of the job's methods.
+        self._scorer = FaithfulnessScorer() if self.spec.faithfulness else None
 
     def model(self) -> "LoadedModel":
         """The job's model, loaded on first need. A load failure fails the whole job."""
@@ -151,7 +155,8 @@ class VisualizeRun:
         results = self.services.results
         try:
             for number, target in enumerate(targets):
-                key = visualization_key(image_id, self.spec.model, method, target)
+                key = visualization_key(image_id, self.spec.model, method, target,
+                                        faithfulness=self.spec.faithfulness)
                 stored = results.get(key)
                 if stored is None:
                     context = RunContext(progress=self._progress_callback(item, number,
@@ -160,7 +165,8 @@ class VisualizeRun:
                                          batch_size=self.services.settings.batch_size)
                     model = self.model()    # a load failure fails the job before any file read
                     visualization = self.services.visualizations.get(method.name)
-                    panel_set = visualize(model, visualization, method, inputs, target, context)
+                    panel_set = visualize(model, visualization, method, inputs, target, context,
+                                          scorer=self._scorer)
                     stored = results.put(key, {**panel_set.record, "image": image_id,
                                                "checkpoint_sha256": self.spec.checkpoint_sha256},
                                          panel_set.files)

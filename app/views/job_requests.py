@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Mapping
 
 from app.errors import BadRequest, TooExpensive, UnknownModel
+from app.faithfulness_scores import evaluations_per_target as faithfulness_cost
 from app.jobs.spec import JobSpec
 from app.pipeline import PREDICTED, MethodRequest, meta_fingerprint, method_request, target_spec
 from app.stores import ImageStore
@@ -61,7 +62,8 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
     """
     if not isinstance(payload, Mapping):
         raise BadRequest("The job must be a JSON object.")
-    known = {"model", "images", "visualizations", "targets", "true_labels", "filenames"}
+    known = {"model", "images", "visualizations", "targets", "true_labels", "filenames",
+             "faithfulness"}
     unknown = sorted(set(payload) - known)
     if unknown:
         raise BadRequest(f"Unknown field {str(unknown[0])[:40]!r}; known: {', '.join(sorted(known))}.",
@@ -130,28 +132,40 @@ def parse_job_request(payload: Any, *, catalog: Any, images: ImageStore, setting
             continue
         true_labels[image_id] = meta.class_index(label)
 
-    _check_job_cost(methods, image_ids, targets, true_labels, settings)
+    faithfulness = payload.get("faithfulness", settings.faithfulness)
+    if not isinstance(faithfulness, bool):
+        raise BadRequest("\"faithfulness\" must be true or false.",
+                         fields={"faithfulness": "true or false"})
+
+    scoring = faithfulness_cost(methods, meta) if faithfulness else 0
+    _check_job_cost(methods, image_ids, targets, true_labels, settings, scoring)
     return JobSpec(model_id=entry.id, model_file=entry.file, checkpoint_sha256=entry.sha256,
                    meta_fingerprint=meta_fingerprint(meta), images=tuple(image_ids),
                    filenames=tuple(filenames), methods=tuple(methods), targets=tuple(targets),
-                   true_labels=true_labels)
+                   true_labels=true_labels, faithfulness=faithfulness)
 
 
 def _check_job_cost(methods: list[MethodRequest], image_ids: list[str],
                     targets: list[int | str], true_labels: Mapping[str, int],
-                    settings: "Settings") -> None:
+                    settings: "Settings", scoring_per_target: int = 0) -> None:
     """Refuse a job whose total cost is over the job limit, before it is queued. Each image is
     counted with every requested target, plus its predicted and true class when it has a true
-    label (a failure case gets panels for both); that is an upper bound."""
-    per_target = sum(method.cost for method in methods)
+    label (a failure case gets panels for both); that is an upper bound.
+    ``scoring_per_target``: what faithfulness scoring adds per image and target
+    (``app.faithfulness_scores.evaluations_per_target``; 0 when it is off)."""
+    per_target = sum(method.cost for method in methods) + scoring_per_target
     targets_in_all = sum(len(set(targets) | ({PREDICTED, true_labels[image_id]}
                                             if image_id in true_labels else set()))
                          for image_id in image_ids)
     total = per_target * targets_in_all
     if total > settings.max_job_cost:
+        scoring = (f", {scoring_per_target:,} of each pair's for faithfulness scores"
+                   if scoring_per_target else "")
+        remedies = ("split it into smaller jobs, choose cheaper parameters or turn the "
+                    "faithfulness scores off (\"faithfulness\": false)" if scoring_per_target
+                    else "split it into smaller jobs or choose cheaper parameters")
         raise TooExpensive(
             f"This job needs up to {total:,} model evaluations ({len(methods)} methods, "
-            f"{len(image_ids)} images, {targets_in_all} image-target pairs), over this "
-            f"server's limit of {settings.max_job_cost:,} per job; split it into smaller jobs "
-            "or choose cheaper parameters.",
+            f"{len(image_ids)} images, {targets_in_all} image-target pairs{scoring}), over this "
+            f"server's limit of {settings.max_job_cost:,} per job; {remedies}.",
             fields={"visualizations": f"at most {settings.max_job_cost} evaluations per job"})

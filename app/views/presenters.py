@@ -10,6 +10,7 @@ from urllib.parse import quote
 from flask import url_for
 
 from app.errors import ResultExpired
+from app.faithfulness_scores import panel_verdict
 from app.pipeline import mark_panel_roles
 from app.rendering import scale_description
 
@@ -52,7 +53,10 @@ def _panel(key: str, panel: dict[str, Any]) -> dict[str, Any]:
             "json_url": file_url("result.json"), "value_range": panel["value_range"],
             "display": (panel["display"] if "display" in panel
                         else _display_before_scaling(panel)),
-            "metrics": panel["metrics"], "notes": panel["notes"]}
+            "metrics": panel["metrics"], "notes": panel["notes"],
+            # None where unscored (and on records stored before scoring existed).
+            "faithfulness": panel.get("faithfulness"),
+            "faithfulness_verdict": panel_verdict(panel)}
 
 
 def _display_before_scaling(panel: dict[str, Any]) -> dict[str, Any] | None:

@@ -28,9 +28,11 @@ IMAGE_KEYS = {"file", "predictions", "uncertainty", "visualizations"}
 PREDICTION_KEYS = {"index", "label", "probability"}
 VISUALIZATION_KEYS = {"method", "params", "elapsed_ms", "panels"}
 # The one panel record of app.pipeline, the same as the server's (issue 3's fields plus kind,
-# value_range, metrics and notes).
+# value_range, metrics and notes; issue 9's faithfulness).
 PANEL_KEYS = {"title", "kind", "signed", "target", "value_range", "display", "metrics", "notes",
-              "overlay", "heatmap", "array"}
+              "faithfulness", "overlay", "heatmap", "array"}
+FAITHFULNESS_KEYS = {"deletion_auc", "insertion_auc", "random_deletion_auc",
+                     "random_insertion_auc"}
 
 
 def write_checkpoint_dir(directory: Path, files: dict[str, int]) -> Path:
@@ -110,6 +112,12 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
                 assert isinstance(panel["signed"], bool)
                 if panel["target"] is not None:
                     assert set(panel["target"]) == PREDICTION_KEYS
+                # Scored: every heatmap with a target (faithfulness is on by default).
+                if panel["kind"] == "heatmap" and panel["target"] is not None:
+                    assert set(panel["faithfulness"]) == FAITHFULNESS_KEYS
+                    assert all(0.0 <= value <= 1.0 for value in panel["faithfulness"].values())
+                else:
+                    assert panel["faithfulness"] is None
                 for key in ("overlay", "heatmap", "array"):
                     assert not Path(panel[key]).is_absolute() and ".." not in panel[key]
                     assert (out_dir / panel[key]).is_file()

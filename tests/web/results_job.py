@@ -18,6 +18,9 @@ from tests.web.conftest import png_bytes, write_checkpoint_dir
 from tests.web.tiny_models import CLASS_NAMES
 
 IMAGES = 16
+# The job with its faithfulness scores (on by default, shown as a badge on every map's panel)
+# needs about 20,000 model evaluations, over the default job limit of 10,000.
+SERVER_ENVIRONMENT = {"CONVSCOPE_MAX_JOB_COST": "40000"}
 FAILURES = (1, 6, 11, 14)           # images given a wrong true label
 METHODS = [
     {"name": "saliency"},

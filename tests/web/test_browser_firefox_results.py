@@ -19,7 +19,8 @@ from PIL import Image
 
 from tests.browser import (ARTIFACTS, firefox, firefox_console_errors, firefox_or_skip,
                            running_server, wait_until)
-from tests.web.results_job import FAILURES, IMAGES, METHODS, checkpoint_dir, make_results_job
+from tests.web.results_job import (FAILURES, IMAGES, METHODS, SERVER_ENVIRONMENT,
+                                   checkpoint_dir, make_results_job)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -41,7 +42,8 @@ def test_results_grid_and_views_in_firefox(tmp_path):
     from marionette_driver.by import By
     from marionette_driver.keys import Keys
 
-    with (running_server(tmp_path, [str(checkpoint_dir(tmp_path))]) as base,
+    with (running_server(tmp_path, [str(checkpoint_dir(tmp_path))],
+                         environment=SERVER_ENVIRONMENT) as base,
           firefox(width=1280, height=900) as client):
         job = make_results_job(base)
 

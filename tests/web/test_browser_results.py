@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from tests.browser import ARTIFACTS, ROOT, page_problems, running_server
-from tests.web.results_job import FAILURES, IMAGES, METHODS, checkpoint_dir, make_results_job
+from tests.web.results_job import (FAILURES, IMAGES, METHODS, SERVER_ENVIRONMENT,
+                                   checkpoint_dir, make_results_job)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -34,7 +35,8 @@ SALIENCY = 0              # column of the saliency method
 @pytest.fixture(scope="module")
 def results_page(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("results")
-    with running_server(tmp_path, [str(checkpoint_dir(tmp_path))]) as base:
+    with running_server(tmp_path, [str(checkpoint_dir(tmp_path))],
+                        environment=SERVER_ENVIRONMENT) as base:
         job = make_results_job(base)
         yield base, job
 

@@ -40,18 +40,22 @@ def test_cancelling_a_waiting_job_frees_its_place_in_the_queue(make_app):
 
 
 def test_job_cost_counts_methods_images_and_targets(make_app):
-    app = make_app(max_job_cost=24)
+    # The methods' own evaluations; what faithfulness scores add is tested in
+    # tests/web/test_faithfulness_jobs.py.
+    app = make_app(max_job_cost=24, faithfulness=False)
     client = app.test_client()
     images = [item["id"] for item in upload(client, (png_bytes(seed=1), "a.png"),
                                             (png_bytes(seed=2), "b.png"))]
-    saliency_and_cam = [{"name": "saliency"}, {"name": "grad_cam"}, {"name": "cam"}]
+    saliency_and_cam = [{"name": "saliency", "params": {"smoothgrad_samples": 0}},
+                        {"name": "grad_cam"}, {"name": "cam"}]
     # 3 evaluations x 2 images x 4 targets = 24: at the limit, accepted.
     ok = submit(client, images, saliency_and_cam, targets=["cat", "dog", "bird", "fish"])
     assert ok.status_code == 202, ok.json
-    # Integrated gradients' 32 steps make it 35 x 2 x 1 = 70.
-    over = submit(client, images, [*saliency_and_cam, {"name": "integrated_gradients"}])
+    # Integrated gradients' 32 steps (and its completeness pass) make it 37 x 2 x 1 = 74.
+    over = submit(client, images, [*saliency_and_cam,
+                                   {"name": "integrated_gradients", "params": {"steps": 32}}])
     assert over.status_code == 422
-    assert "70 model evaluations" in over.json["error"]["message"]
+    assert "74 model evaluations" in over.json["error"]["message"]
     assert "limit of 24" in over.json["error"]["message"]
     # A true label adds the predicted and the true class (a possible failure case): with
     # three explicit targets and "fish" as true label that is 5 targets per image, 30 in all.
@@ -65,7 +69,9 @@ def test_job_cost_counts_methods_images_and_targets(make_app):
 @pytest.mark.slow
 def test_a_short_job_finishes_in_seconds_behind_a_long_occlusion_job(make_app, tmp_path):
     directory = write_checkpoint_dir(tmp_path / "slow", factory="SlowNet", size=48)
-    app = make_app(directory=directory, batch_size=4, max_cost=100000, max_job_cost=100000)
+    # Without faithfulness scores, which would make the short job 660 evaluations longer.
+    app = make_app(directory=directory, batch_size=4, max_cost=100000, max_job_cost=100000,
+                   faithfulness=False)
     client = app.test_client()
     image = upload(client, (png_bytes(size=(48, 48), seed=5), "photo.png"))[0]["id"]
     # 2304 one-pixel windows at 4 per 30 ms forward: about 17 s alone.
@@ -85,7 +91,8 @@ def test_a_short_job_finishes_in_seconds_behind_a_long_occlusion_job(make_app, t
     assert wait_job(client, long_job, timeout=10)["status"] == "cancelled"
 
     # The maps computed in the long job's turns equal the same maps computed alone.
-    alone = make_app(directory=directory, data_dir=tmp_path / "alone", batch_size=4)
+    alone = make_app(directory=directory, data_dir=tmp_path / "alone", batch_size=4,
+                     faithfulness=False)
     alone_client = alone.test_client()
     upload(alone_client, (png_bytes(size=(48, 48), seed=5), "photo.png"))
     again = wait_job(alone_client, submit(alone_client, [image], [{"name": "grad_cam"},

@@ -14,7 +14,7 @@ METHODS = [{"name": "grad_cam", "params": {"relu": False}},
 TARGETS = ["predicted", "bird"]
 # Everything in a panel record but its file paths, which name where the files were written.
 SHARED_FIELDS = ("title", "kind", "signed", "target", "value_range", "display", "metrics",
-                 "notes")
+                 "notes", "faithfulness")
 
 
 def _server_arrays(client, job: dict) -> dict[tuple[str, int, int], tuple[bytes, dict]]:
