@@ -1,4 +1,5 @@
-"""The ``convscope`` console script: ``serve``, ``check``, ``visualize`` and ``evaluate``.
+"""The ``convscope`` console script: ``serve``, ``check``, ``visualize``, ``evaluate`` and
+``sanity``.
 
 This module only parses arguments and dispatches; each command lives in its own module.
 No DIR means the bundled demo.
@@ -88,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="NAME.KEY=VALUE", help="a method parameter (repeatable)")
     evaluate.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     evaluate.add_argument("--json", action="store_true", help="print evaluation.json to stdout")
+
+    from app.sanity_cli import add_parser as add_sanity_parser
+
+    sanity = add_sanity_parser(commands)
+    sanity.add_argument("--device", default=os.environ.get("CONVSCOPE_DEVICE", "auto"))
+    sanity.add_argument("--trust-code", action="store_true",
+                        default=_env_flag("CONVSCOPE_TRUST_CODE"))
     return parser
 
 
@@ -113,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.evaluate_cli import evaluate_command
 
         return evaluate_command(args)
+    if args.command == "sanity":
+        from app.sanity_cli import sanity_command
+
+        return sanity_command(args)
     from app.report import visualize_command
 
     return visualize_command(args)

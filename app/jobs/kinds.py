@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 from app.jobs.evaluate import EvaluateRun, EvaluateSpec
 from app.jobs.record import Job, Spec
+from app.jobs.sanity import SanityRun, SanitySpec
 from app.jobs.spec import JobSpec
 from app.jobs.visualize import VisualizeRun
 
@@ -35,6 +36,7 @@ KINDS: dict[str, JobKind] = {
     kind.name: kind for kind in (
         JobKind("visualize", JobSpec.from_dict, VisualizeRun),
         JobKind("evaluate", EvaluateSpec.from_dict, EvaluateRun),
+        JobKind("sanity", SanitySpec.from_dict, SanityRun),
     )}
 
 

@@ -20,6 +20,7 @@ def init_app(app: Flask, settings: Any) -> None:
     from app.views.evaluations import evaluations, evaluations_api
     from app.views.pages import pages
     from app.views.samples import init_app as init_samples
+    from app.views.sanity import init_app as init_sanity
 
     app.jinja_env.filters["isotime"] = isotime
     app.jinja_env.globals["version"] = __version__
@@ -28,3 +29,4 @@ def init_app(app: Flask, settings: Any) -> None:
     app.register_blueprint(evaluations)
     app.register_blueprint(evaluations_api)
     init_samples(app, settings)
+    init_sanity(app)
