@@ -12,6 +12,7 @@ from flask import url_for
 from app.errors import ResultExpired
 from app.pipeline import mark_panel_roles
 from app.rendering import scale_description
+from app.views.sanity_links import panel_sanity
 
 if TYPE_CHECKING:
     from app.jobs.record import Job
@@ -132,8 +133,6 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
 def _sanity_links(services: "Services", spec: Any) -> list[dict[str, Any] | None]:
     """Per method of the job: ``{"passed", "spearman", "url"}`` of the latest sanity check of
     that method with those parameters on the job's checkpoint (None: never checked)."""
-    from app.views.sanity import panel_sanity
-
     return [panel_sanity(services, spec.model, method.name, method.params, method.version)
             for method in spec.methods]
 

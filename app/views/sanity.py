@@ -33,10 +33,11 @@ from app.ingest import ingest_image
 from app.jobs.record import TERMINAL
 from app.jobs.sanity import SanitySpec
 from app.pipeline import ModelIdentity, meta_fingerprint
-from app.sanity import DEFAULT_IMAGES, check_cost, latest_key, sanity_request
+from app.sanity import DEFAULT_IMAGES, check_cost, sanity_request
 from app.services import services
 from app.views.evaluations import _created, _json_body
 from app.views.presenters import model_detail
+from app.views.sanity_links import panel_sanity
 
 if TYPE_CHECKING:
     from app.jobs.record import Job
@@ -164,18 +165,6 @@ def sanity_view(job: "Job", svc: "Services") -> dict[str, Any]:
     view["result_url"] = url_for("sanity.result", key=stored.key)
     view["targets"] = stored.record.get("targets", [])
     return view
-
-
-def panel_sanity(svc: "Services", model: ModelIdentity, name: str, params: Mapping[str, Any],
-                 version: int) -> dict[str, Any] | None:
-    """``{"passed", "spearman", "url"}`` of the latest sanity check of this method with these
-    parameters on the job's checkpoint, or None when there is none (each panel shows it)."""
-    pointer = svc.results.get(latest_key(model, name, version, params))
-    if pointer is None or not svc.results.exists(pointer.record["outcome_key"]):
-        return None
-    return {"passed": bool(pointer.record["passed"]),
-            "spearman": float(pointer.record["spearman"]),
-            "url": url_for("sanity.result", key=pointer.record["outcome_key"])}
 
 
 def curve(steps: list[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
