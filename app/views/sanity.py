@@ -168,21 +168,23 @@ def sanity_view(job: "Job", svc: "Services") -> dict[str, Any]:
 
 
 def curve(steps: list[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
-    """An inline SVG line chart of Spearman (and SSIM) per step: points in a 0..100 x 0..100
-    box (y up: 1 at the top, -1 at the bottom for Spearman; SSIM is in [-1, 1] too)."""
-    count = max(len(steps), 1)
+    """An inline SVG line chart of Spearman and SSIM per step, starting from the trained model
+    (1, 1): points in a 0..100 x 0..100 box, y = 1 at the top and -1 at the bottom."""
+    points = [{"randomized": "nothing (the trained model)", "spearman": 1.0, "ssim": 1.0},
+              *steps]
+    last = max(len(points) - 1, 1)
 
     def x(number: int) -> float:
-        return round(100 * (number + 0.5) / count, 2)
+        return round(100 * number / last, 2)
 
     def y(value: float) -> float:
         return round(50 * (1 - max(-1.0, min(1.0, float(value)))), 2)
 
-    return {"spearman": " ".join(f"{x(n)},{y(s['spearman'])}" for n, s in enumerate(steps)),
-            "ssim": " ".join(f"{x(n)},{y(s['ssim'])}" for n, s in enumerate(steps)),
+    return {"spearman": " ".join(f"{x(n)},{y(p['spearman'])}" for n, p in enumerate(points)),
+            "ssim": " ".join(f"{x(n)},{y(p['ssim'])}" for n, p in enumerate(points)),
             "threshold_y": y(threshold), "zero_y": y(0.0),
-            "dots": [{"x": x(n), "y": y(s["spearman"]), "label": s["randomized"],
-                      "value": s["spearman"]} for n, s in enumerate(steps)]}
+            "dots": [{"x": x(n), "y": y(p["spearman"]), "label": p["randomized"],
+                      "value": p["spearman"]} for n, p in enumerate(points)]}
 
 
 # --- API ----------------------------------------------------------------------------------------
