@@ -38,6 +38,7 @@ from app.services import services
 from app.views.evaluations import _created, _json_body
 from app.views.presenters import model_detail
 from app.views.sanity_links import panel_sanity
+from visualizations.sanity import sanity_cost
 
 if TYPE_CHECKING:
     from app.jobs.record import Job
@@ -169,7 +170,7 @@ def sanity_view(job: "Job", svc: "Services") -> dict[str, Any]:
 
 def curve(steps: list[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
     """An inline SVG line chart of Spearman and SSIM per step, starting from the trained model
-    (1, 1): points in a 0..100 x 0..100 box, y = 1 at the top and -1 at the bottom."""
+    (1, 1): points in a 0..100 x 0..50 box, y = 1 at the top and -1 at the bottom."""
     points = [{"randomized": "nothing (the trained model)", "spearman": 1.0, "ssim": 1.0},
               *steps]
     last = max(len(points) - 1, 1)
@@ -178,7 +179,7 @@ def curve(steps: list[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
         return round(100 * number / last, 2)
 
     def y(value: float) -> float:
-        return round(50 * (1 - max(-1.0, min(1.0, float(value)))), 2)
+        return round(25 * (1 - max(-1.0, min(1.0, float(value)))), 2)
 
     return {"spearman": " ".join(f"{x(n)},{y(p['spearman'])}" for n, p in enumerate(points)),
             "ssim": " ".join(f"{x(n)},{y(p['ssim'])}" for n, p in enumerate(points)),
@@ -235,13 +236,16 @@ def sanity_methods(model_id: str) -> list[dict[str, Any]]:
                                 "problem": None, "latest": None}
         try:
             method = sanity_request(visualization, {}, entry.meta)
-            check_cost(visualization, method, entry.meta, DEFAULT_IMAGES,
-                       svc.settings.max_cost)
         except ConvscopeError as error:
             item["problem"] = error.message
-        else:
-            item["latest"] = panel_sanity(svc, identity, method.name, method.params,
-                                          method.version)
+            methods.append(item)
+            continue
+        cost = sanity_cost(visualization, visualization.parse_params(method.params, entry.meta),
+                           entry.meta, DEFAULT_IMAGES)
+        if cost > svc.settings.max_cost:
+            item["problem"] = (f"Over this server's limit at its defaults: {cost:,} model "
+                               f"evaluations, CONVSCOPE_MAX_COST = {svc.settings.max_cost:,}.")
+        item["latest"] = panel_sanity(svc, identity, method.name, method.params, method.version)
         methods.append(item)
     return methods
 
