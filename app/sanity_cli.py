@@ -17,8 +17,8 @@ predicted class) and compared with the trained model's map.
 with the original is below ``threshold``. Without ``--json``, a table of the steps and the
 verdict. ``--param KEY=VALUE`` (or ``METHOD.KEY=VALUE``) sets a method parameter.
 
-Exit status 0 whenever the check ran, passed or failed; 2 with ``CODE: message`` on stderr for
-what a user got wrong (a method, a parameter, an image, a checkpoint, E_TOO_EXPENSIVE over
+Exit status 0 whenever the check ran, passed or failed; 2 with ``CODE: message`` on stderr (and,
+with ``--json``, ``{"error": {"code", "message", ...}}`` on stdout) for what a user got wrong (a method, a parameter, an image, a checkpoint, E_TOO_EXPENSIVE over
 ``CONVSCOPE_MAX_COST``), checked before any map is computed; 1 when a run fails later.
 """
 from __future__ import annotations
@@ -67,6 +67,9 @@ def sanity_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
         result = run_check(args)
     except ConvscopeError as error:
         usage = error.code in _USAGE_CODES or error.code.startswith("E_IMAGE_")
+        if args.json:       # as visualize and evaluate do: stdout stays one JSON object
+            json.dump({"error": error.to_dict()}, out)
+            out.write("\n")
         sys.stderr.write(f"convscope sanity: {error.code}: {error.message}\n")
         return EXIT_USAGE if usage else EXIT_FAILED
     document = result.to_dict()

@@ -66,7 +66,7 @@ def test_method_prefixed_params_and_the_table(capsys, tiny_dir) -> None:
 def test_usage_errors_exit_2_with_code_and_message(capsys, tiny_dir, argv, code) -> None:
     status, out, err = run(capsys, str(tiny_dir), PHOTOS[0], *argv, "--json",
                            "--device", "cpu")
-    assert status == 2 and out == ""
+    assert status == 2 and json.loads(out)["error"]["code"] == code
     assert err.startswith(f"convscope sanity: {code}: ")
     assert "Traceback" not in err
 
@@ -87,7 +87,7 @@ def test_max_cost_bounds_the_whole_check(capsys, tiny_dir, monkeypatch) -> None:
             "--param", "stride=8", "--json", "--device", "cpu"]
     monkeypatch.setenv("CONVSCOPE_MAX_COST", "73")
     status, out, err = run(capsys, *argv)
-    assert status == 2 and out == ""
+    assert status == 2 and json.loads(out)["error"]["code"] == "E_TOO_EXPENSIVE"
     assert err.startswith("convscope sanity: E_TOO_EXPENSIVE: ") and "74" in err
     monkeypatch.setenv("CONVSCOPE_MAX_COST", "74")
     status, out, _ = run(capsys, *argv)
