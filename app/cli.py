@@ -1,5 +1,5 @@
-"""The ``convscope`` console script: ``serve``, ``check``, ``visualize``, ``evaluate`` and
-``timeline``.
+"""The ``convscope`` console script: ``serve``, ``check``, ``visualize``, ``evaluate``,
+``timeline`` and ``sanity``.
 
 This module only parses arguments and dispatches; each command lives in its own module.
 No DIR means the bundled demo.
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="every K-th checkpoint (the first and the last always)")
     timeline.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     timeline.add_argument("--json", action="store_true", help="print timeline.json to stdout")
+
+    from app.sanity_cli import add_parser as add_sanity_parser
+
+    sanity = add_sanity_parser(commands)
+    sanity.add_argument("--device", default=os.environ.get("CONVSCOPE_DEVICE", "auto"))
+    sanity.add_argument("--trust-code", action="store_true",
+                        default=_env_flag("CONVSCOPE_TRUST_CODE"))
     return parser
 
 
@@ -146,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.timeline_cli import timeline_command
 
         return timeline_command(args)
+
+    if args.command == "sanity":
+        from app.sanity_cli import sanity_command
+
+        return sanity_command(args)
     from app.report import visualize_command
 
     return visualize_command(args)

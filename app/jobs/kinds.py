@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol
 
 from app.jobs.evaluate import EvaluateRun, EvaluateSpec
 from app.jobs.record import Job, Spec
+from app.jobs.sanity import SanityRun, SanitySpec
 from app.jobs.spec import JobSpec
 from app.jobs.timeline import TimelineRun, TimelineSpec
 from app.jobs.visualize import VisualizeRun
@@ -37,6 +38,7 @@ KINDS: dict[str, JobKind] = {
         JobKind("visualize", JobSpec.from_dict, VisualizeRun),
         JobKind("evaluate", EvaluateSpec.from_dict, EvaluateRun),
         JobKind("timeline", TimelineSpec.from_dict, TimelineRun),
+        JobKind("sanity", SanitySpec.from_dict, SanityRun),
     )}
 
 

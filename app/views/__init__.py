@@ -21,6 +21,7 @@ def init_app(app: Flask, settings: Any) -> None:
     from app.views.pages import pages
     from app.views.samples import init_app as init_samples
     from app.views.timelines import timelines, timelines_api
+    from app.views.sanity import init_app as init_sanity
 
     app.jinja_env.filters["isotime"] = isotime
     app.jinja_env.globals["version"] = __version__
@@ -31,3 +32,4 @@ def init_app(app: Flask, settings: Any) -> None:
     app.register_blueprint(timelines)
     app.register_blueprint(timelines_api)
     init_samples(app, settings)
+    init_sanity(app)

@@ -172,16 +172,21 @@ def job(job_id: str) -> Response:
         return redirect(url_for("evaluations_api.evaluation", job_id=job_id), code=303)
     if found.kind == "timeline":
         return redirect(url_for("timelines_api.timeline_json", job_id=job_id), code=303)
+    if found.kind == "sanity":
+        return redirect(url_for("sanity_api.check", job_id=job_id), code=303)
     return jsonify(job_view(found, svc))
 
 
 @api.delete("/jobs/<job_id>")
 def cancel_job(job_id: str) -> Response:
     svc = _services()
-    if svc.jobs.get(job_id).kind == "evaluate":
+    kind = svc.jobs.get(job_id).kind
+    if kind == "evaluate":
         return redirect(url_for("evaluations_api.cancel_evaluation", job_id=job_id), code=307)
-    if svc.jobs.get(job_id).kind == "timeline":
+    if kind == "timeline":
         return redirect(url_for("timelines_api.cancel_timeline", job_id=job_id), code=307)
+    if kind == "sanity":
+        return redirect(url_for("sanity_api.cancel_check", job_id=job_id), code=307)
     return jsonify(job_view(svc.executor.cancel(job_id), svc))
 
 

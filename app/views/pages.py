@@ -179,6 +179,8 @@ def job(job_id: str) -> str | Response:
         return redirect(url_for("evaluations.evaluation", job_id=job_id), code=303)
     if found.kind == "timeline":
         return redirect(url_for("timelines.timeline", job_id=job_id), code=303)
+    if found.kind == "sanity":
+        return redirect(url_for("sanity.check", job_id=job_id), code=303)
     view = job_view(found, svc)
     return render_template("pages/job.html", finished=view["status"] in TERMINAL,
                            **_results_context(view))
@@ -213,7 +215,7 @@ def job_results_view(job_id: str, view_id: str) -> str | Response:
     JavaScript) or, with ``?fragment=1``, as the section the job page's script opens in place."""
     svc = _services()
     found = svc.jobs.get(job_id)
-    if found.kind in ("evaluate", "timeline"):
+    if found.kind != "visualize":
         raise NotFound("This job has no such view.", fields={"view": view_id[:80]})
     view = job_view(found, svc)
     if view["status"] not in TERMINAL:

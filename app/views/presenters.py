@@ -13,6 +13,7 @@ from app.errors import ResultExpired
 from app.faithfulness_scores import panel_verdict
 from app.pipeline import mark_panel_roles
 from app.rendering import scale_description
+from app.views.sanity_links import panel_sanity
 
 if TYPE_CHECKING:
     from app.jobs.record import Job
@@ -83,6 +84,7 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
     per_method = len(spec.methods)
     results = []
     expired = False
+    sanity = _sanity_links(services, spec)
     for image_index, image_id in enumerate(spec.images):
         outcome = record["images"].get(str(image_index))
         # Only its key is shown: a lookup, not a read of result.json on every poll.
@@ -104,6 +106,8 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
                     continue
                 entry["params"] = dict(stored.record.get("params", entry["params"]))
                 entry["panels"].extend(_panel(key, panel) for panel in stored.record["panels"])
+            for panel in entry["panels"]:
+                panel["sanity"] = sanity[method_index]
             mark_panel_roles(entry["panels"], outcome["predicted"] if outcome else None,
                              outcome["true_label"]["index"]
                              if outcome and outcome["true_label"] else None)
@@ -128,6 +132,13 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
             "methods": [{"name": m.name, "title": _title(registry, m.name)} for m in spec.methods],
             "targets": list(spec.targets), "model_runs": record["model_runs"],
             "cache_hits": record["cache_hits"], "results": results}
+
+
+def _sanity_links(services: "Services", spec: Any) -> list[dict[str, Any] | None]:
+    """Per method of the job: ``{"passed", "spearman", "url"}`` of the latest sanity check of
+    that method with those parameters on the job's checkpoint (None: never checked)."""
+    return [panel_sanity(services, spec.model, method.name, method.params, method.version)
+            for method in spec.methods]
 
 
 def _title(registry: Any, name: str) -> str:
