@@ -88,11 +88,12 @@ def sanity_cost(visualization: Visualization, params: Any, meta: "ModelMeta", im
                 steps: int | None = None) -> int:
     """Model evaluations the check needs: per image one prediction, then the map (the
     method's cost plus the prediction ``run`` makes) on the trained model and after each
-    step; plus the probe pass that orders the layers. ``steps=None``: the upper bound
+    step; plus two probe passes: one orders the layers, one measures the copy's activation
+    memory for batch sizing (only methods that batch make it). ``steps=None``: the upper bound
     ``MAX_STEPS`` (the real count needs the loaded model: ``len(randomization_steps(...))``)."""
     steps = MAX_STEPS if steps is None else steps
     per_map = visualization.cost(params, meta) + 1
-    return 1 + images * (1 + (steps + 1) * per_map)
+    return 2 + images * (1 + (steps + 1) * per_map)
 
 
 def sanity_check(model: LoadedModel, batches: Sequence["torch.Tensor"],

@@ -82,14 +82,14 @@ def test_a_missing_or_broken_image_exits_2(capsys, tiny_dir, tmp_path) -> None:
 
 def test_max_cost_bounds_the_whole_check(capsys, tiny_dir, monkeypatch) -> None:
     # Occlusion, window 8, stride 8 on 32 px: 16 windows + 1 = 17 evaluations per map, + 1
-    # prediction = 18; TinyNet has 3 steps: 1 probe + 1 image x (1 + 4 maps x 18) = 74.
+    # prediction = 18; TinyNet has 3 steps: 2 probes + 1 image x (1 + 4 maps x 18) = 75.
     argv = [str(tiny_dir), PHOTOS[0], "--method", "occlusion", "--param", "window=8",
             "--param", "stride=8", "--json", "--device", "cpu"]
-    monkeypatch.setenv("CONVSCOPE_MAX_COST", "73")
+    monkeypatch.setenv("CONVSCOPE_MAX_COST", "74")
     status, out, err = run(capsys, *argv)
     assert status == 2 and json.loads(out)["error"]["code"] == "E_TOO_EXPENSIVE"
-    assert err.startswith("convscope sanity: E_TOO_EXPENSIVE: ") and "74" in err
-    monkeypatch.setenv("CONVSCOPE_MAX_COST", "74")
+    assert err.startswith("convscope sanity: E_TOO_EXPENSIVE: ") and "75" in err
+    monkeypatch.setenv("CONVSCOPE_MAX_COST", "75")
     status, out, _ = run(capsys, *argv)
     assert status == 0 and json.loads(out)["method"] == "occlusion"
     monkeypatch.setenv("CONVSCOPE_MAX_COST", "lots")

@@ -96,15 +96,15 @@ def test_bad_requests_are_refused_with_a_code(client, body, status, code) -> Non
 def test_cost_is_bounded_by_max_cost(make_app) -> None:
     # Occlusion, window 8 and stride 8 on TinyNet's 32 px: 4 x 4 windows + the unoccluded pass
     # = 17 evaluations per map, + 1 prediction = 18. The web side counts the most steps (24):
-    # 1 probe + 2 images x (1 prediction + 25 maps x 18) = 903, counted by hand.
+    # 2 probes + 2 images x (1 prediction + 25 maps x 18) = 904, counted by hand.
     body = {"method": "occlusion", "params": {"window": 8, "stride": 8}}
-    at_limit = make_app(max_cost=903).test_client()
+    at_limit = make_app(max_cost=904).test_client()
     assert at_limit.post("/api/v1/sanity", json=body).status_code == 202
-    below = make_app(max_cost=902).test_client()
+    below = make_app(max_cost=903).test_client()
     response = below.post("/api/v1/sanity", json=body)
     assert response.status_code == 422
     assert response.json["error"]["code"] == "E_TOO_EXPENSIVE"
-    assert "903" in response.json["error"]["message"]
+    assert "904" in response.json["error"]["message"]
     assert "CONVSCOPE_MAX_COST" in response.json["error"]["message"]
     # The models page says so instead of offering a button that would be refused.
     page = below.get("/models").get_data(as_text=True)
