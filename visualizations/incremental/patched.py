@@ -115,7 +115,10 @@ def materialize(value: Patched) -> "torch.Tensor":
     import torch
 
     batch = value.batch
-    rows = _channels_last_rows(value.cache).expand(batch, -1, -1, -1).contiguous()
+    # A copy even for one copy (``contiguous`` would return the cache itself, and the
+    # overlay below would then write into it).
+    rows = _channels_last_rows(value.cache).expand(batch, -1, -1, -1).clone(
+        memory_format=torch.contiguous_format)
     _overlay(rows, value, np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64))
     return _to_nchw(rows).contiguous(memory_format=torch.channels_last)
 
