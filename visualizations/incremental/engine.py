@@ -30,9 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # A window operation whose output window would cover at least this share of its map runs
-# dense instead. Measured on resnet18/50 and efficientnet-lite0 (224 px, window 16, 1 CPU
-# thread; benchmarks/occlusion_speed.py): see DENSE_SHARE_NOTE below for the figures.
-DENSE_SHARE = 0.6
+# dense instead (with the rest of the network). Measured side by side (224 px, window 16,
+# stride 8, batches of 16, 1 CPU thread; time / dense batched passes): switching at 0.45 /
+# 0.6 / 0.75 of the map gave resnet18 0.47x / 0.43x / 0.44x and resnet50 0.38x / 0.44x /
+# 0.44x, and 1.0 (never switching) gave resnet18 0.54x: convolutions dominate (87 % of the
+# time, gathering windows about 3 %), so past about half the map a window saves too little
+# to pay for its halo and the smaller, less efficient convolution shapes.
+DENSE_SHARE = 0.5
 
 
 class NotIncremental(Exception):
@@ -197,7 +201,6 @@ class TracedModel:
         batch = int(patch.shape[0])
         stats = Stats(dense_macs=cache.dense_macs_per_copy * batch)
         env: dict[Any, Any] = {}
-        order = {node: index for index, node in enumerate(self.nodes)}
         result = None
         with torch.inference_mode():
             for index, node in enumerate(self.nodes):
@@ -216,7 +219,6 @@ class TracedModel:
                 for used in node.all_input_nodes:
                     if self.last_use[used] == index:
                         env.pop(used, None)
-        del order
         if isinstance(result, torch.Tensor) and result.shape[0] != batch:
             result = result.expand(batch, *result.shape[1:])
         return result, stats
@@ -228,15 +230,12 @@ class TracedModel:
         kind = self.kinds[node]
         args = map_arg(node.args, env.__getitem__)
         kwargs = map_arg(node.kwargs, env.__getitem__)
-        changing = [v for v in _leaves((args, kwargs)) if isinstance(v, (Patched, Dense))]
         why = kind.why
-        if not any(isinstance(v, Dense) for v in changing):
+        if not any(isinstance(v, Dense) for v in _leaves((args, kwargs))):
             handled, why = self._incremental(node, kind, args, kwargs, root, cache, stats,
                                              dense_share)
             if handled is not None:
                 return handled
-        elif not why:
-            why = ""
         if why and not stats.dense_from:
             stats.dense_from = f"{node.name} ({why})"
         value = self._call(node, *_densified((args, kwargs)), root)
