@@ -298,7 +298,7 @@ def test_affected_outputs_cover_every_output_that_reads_a_changed_input(seed: in
         starts = rng.integers(0, length - size + 1, size=5)
         axis = SlidingAxis(int(kernel), int(stride), padding, int(dilation), out_size)
         out_starts, out_len = affected_outputs(starts, size, axis)
-        in_starts, in_len = input_span(out_starts, out_len, axis)
+        _, in_len = input_span(out_starts, out_len, axis)
         assert in_len == (out_len - 1) * stride + dilation * (kernel - 1) + 1
         for start, out_start in zip(starts, out_starts):
             indicator = torch.zeros(1, 1, length, dtype=torch.float64)
