@@ -23,6 +23,7 @@ react to (a black square is not "nothing").
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ import numpy as np
 from app.errors import BadParameter
 from visualizations.base import (AUTO, Attribution, Panel, RunContext, TargetInfo, Visualization,
                                  param)
-from visualizations.batching import choose_batch_size, for_each_batch
+from visualizations.batching import choose_batch_size, for_each_batch, is_out_of_memory
 from visualizations.common import as_model_input, blurred, check_finite, pixel_values
 from visualizations.incremental.auto import ENGINES, choose, windows_patch
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     import torch
 
     from model_adapters.base import LoadedModel, ModelMeta
+
+log = logging.getLogger(__name__)
 
 FILLS = ("mean", "black", "gray", "blur")
 MAX_WINDOW_PX = 2048
@@ -115,10 +118,18 @@ def occluded_probabilities(model: "LoadedModel", inputs: "torch.Tensor",
     choice, traced, cache = choose(model.module, engine, inputs, fill, size,
                                    lambda traced_model: traced_model.cache(inputs))
 
+    failure: list[str] = []
+
     def outputs(start: int, stop: int) -> "torch.Tensor":
-        if traced is not None and cache is not None:
+        if traced is not None and cache is not None and not failure:
             patch, top, left = windows_patch(fill, inputs, windows[start:stop], size)
-            return traced.run(cache, patch, top, left)[0]
+            try:
+                return traced.run(cache, patch, top, left)[0]
+            except Exception as error:  # noqa: BLE001 - never fail a map the dense path can do
+                if is_out_of_memory(error):
+                    raise
+                log.warning("incremental occlusion failed; running full passes", exc_info=True)
+                failure.append(f"{type(error).__name__}: {str(error)[:120]}")
         copies = inputs.expand(stop - start, -1, -1, -1).clone(
             memory_format=torch.channels_last)
         for row, corner in enumerate(windows[start:stop]):
@@ -138,6 +149,10 @@ def occluded_probabilities(model: "LoadedModel", inputs: "torch.Tensor",
 
     size_hint = choose_batch_size(model, inputs, context, backward=False)
     for_each_batch(len(windows), size_hint, process, context)
+    if failure:
+        return OccludedRun(results, "dense", "Computed with full forward passes from the batch "
+                                             "where incremental inference failed "
+                                             f"({failure[0]}) on.")
     return OccludedRun(results, choice.engine, choice.note)
 
 

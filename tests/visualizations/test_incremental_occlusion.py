@@ -275,6 +275,27 @@ def test_models_it_cannot_help_fall_back_to_the_dense_result(module_class, reaso
     assert len(logged) == 1, "the reason is logged once per model"
 
 
+def test_a_failing_batch_finishes_the_map_with_full_passes(monkeypatch) -> None:
+    """An engine error after the probe (say, on a border window) never fails the map: the
+    failing batch and the rest run dense, and the note says so."""
+    model = torchvision_model("resnet18")
+    calls = {"count": 0}
+    original = TracedModel.run
+
+    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["count"] += 1
+        if calls["count"] == 3:           # the probe, one good batch, then a failure
+            raise RuntimeError("a rule that broke")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TracedModel, "run", flaky)
+    incremental, dense = both_ways(model, image(SIDE, seed=21), 16, 12, "mean",
+                                   list(range(CLASSES)))
+    assert incremental.engine == "dense" and "a rule that broke" in incremental.note
+    assert calls["count"] == 3
+    assert float(np.abs(incremental.probabilities - dense.probabilities).max()) <= TOLERANCE
+
+
 def test_shared_in_place_is_refused_at_trace_time() -> None:
     with pytest.raises(NotIncremental, match="other operations also read"):
         TracedModel(SharedInPlace())
