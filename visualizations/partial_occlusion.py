@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.errors import BadParameter
-from visualizations.base import Attribution, Panel, RunContext, TargetInfo, Visualization, param
+from visualizations.base import AUTO, Attribution, Panel, RunContext, TargetInfo, Visualization, param
 from visualizations.common import as_model_input, model_view_rgb
+from visualizations.incremental.auto import ENGINES
 from visualizations.occlusion import FILLS, fill_image, occluded_probabilities
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ class PartialOcclusionParams:
     fill: str = param("mean", label="Fill", choices=FILLS,
                       help="What replaces the hidden window: the training mean colour, black, "
                            "mid gray, or a blurred copy of the image.")
+    engine: str | None = param(AUTO, label="Engine", choices=ENGINES,
+                               help="How the occluded copies are evaluated (default: "
+                                    "incremental where it saves work). incremental: recompute "
+                                    "only what each window changes (exact); dense: full "
+                                    "forward passes.")
     top_k: int = param(3, label="Classes", min=1, max=10,
                        help="How many classes to show: the target, then the most probable "
                             "others.")
@@ -121,7 +127,8 @@ class PartialOcclusionMap(Visualization):
     reference = "https://arxiv.org/abs/1311.2901"
     Params = PartialOcclusionParams
     # Version 2: settings whose windows leave pixels unhidden are refused.
-    version = 2
+    # Version 3: each class panel notes which path (incremental or dense) computed it.
+    version = 3
 
     def resolve(self, params: Any, meta: "ModelMeta") -> PartialOcclusionParams:
         check_coverage(params, meta.input_size)
@@ -147,14 +154,15 @@ class PartialOcclusionMap(Visualization):
             model, inputs, fill, [None], (window_h, window_w),
             list(range(model.meta.num_classes)),
             # Cancellation but no progress: this single pass is not part of the grid's share.
-            RunContext(cancel_event=context.cancel_event, batch_size=context.batch_size))[0]
+            RunContext(cancel_event=context.cancel_event, batch_size=context.batch_size),
+            engine="dense").probabilities[0]
         ranked = [int(i) for i in np.argsort(-with_probabilities, kind="stable")]
         classes = [target.index] + [i for i in ranked if i != target.index]
         classes = classes[:min(params.top_k, model.meta.num_classes)]
 
-        probabilities = occluded_probabilities(model, inputs, fill, windows,
-                                               (window_h, window_w), classes, context)
-        grid = probabilities.reshape(len(rows), len(columns), len(classes))
+        run = occluded_probabilities(model, inputs, fill, windows, (window_h, window_w), classes,
+                                     context, params.engine)
+        grid = run.probabilities.reshape(len(rows), len(columns), len(classes))
         row_cell = nearest_cell(height, rows, window_h)
         column_cell = nearest_cell(width, columns, window_w)
 
@@ -164,7 +172,8 @@ class PartialOcclusionMap(Visualization):
             info = TargetInfo(class_index, model.meta.class_names[class_index],
                               float(with_probabilities[class_index]))
             panels.append(Panel(f"P({info.label}) with each cell hidden", values, signed=False,
-                                target=info, scale=(0.0, 1.0)))
+                                target=info, scale=(0.0, 1.0), notes=(run.note,),
+                            extra={"engine": run.engine}))
 
         # One example: the window nearest the centre, hidden exactly as the model saw it.
         example = (rows[len(rows) // 2], columns[len(columns) // 2])

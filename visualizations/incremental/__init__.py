@@ -1,0 +1,1 @@
+"""Exact incremental inference for occlusion: recompute only what a hidden window changes."""
