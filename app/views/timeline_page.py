@@ -7,8 +7,15 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from flask import url_for
+from markupsafe import Markup
 
 from app.timeline import chart_classes, line_chart_svg, strip_range
+
+
+def _chart(*args: Any, **kwargs: Any) -> Markup:
+    """A chart the page inserts as it is: ``line_chart_svg`` escapes every label it writes, so
+    the templates never switch autoescaping off."""
+    return Markup(line_chart_svg(*args, **kwargs))
 
 
 def _label(file: str) -> str:
@@ -68,7 +75,7 @@ def page_sections(view: Mapping[str, Any], svc: Any, args: Mapping[str, str], *,
         series = _probability_series(svc, steps, class_names)
         images.append({"file": image["file"], "strips": strips, "steps": len(steps),
                        "labels": labels,
-                       "chart": line_chart_svg(labels, series, title="Top classes' "
+                       "chart": _chart(labels, series, title="Top classes' "
                                                "probability over training")})
     count = max((image["steps"] for image in images), default=0)
     compare = {"a": _pick(args, "a", max(0, count - 2), max(count, 1)),
@@ -79,11 +86,11 @@ def page_sections(view: Mapping[str, Any], svc: Any, args: Mapping[str, str], *,
     if document.get("dataset"):
         labels = [_label(c["file"]) for c in checkpoints]
         classes = sorted({name for c in checkpoints for name in (c.get("recall") or {})})
-        charts = {"accuracy": line_chart_svg(labels, [("accuracy", [c["accuracy"] for c in
+        charts = {"accuracy": _chart(labels, [("accuracy", [c["accuracy"] for c in
                                                                    checkpoints])],
                                              title="Dataset accuracy over training",
                                              y_label="accuracy"),
-                  "recall": line_chart_svg(labels, [(name, [(c.get("recall") or {}).get(name)
+                  "recall": _chart(labels, [(name, [(c.get("recall") or {}).get(name)
                                                             for c in checkpoints])
                                                     for name in classes],
                                            title="Per-class recall over training",

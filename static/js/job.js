@@ -8,12 +8,12 @@
   const root = document.getElementById("job");
   if (!root) return;
 
-  document.querySelectorAll(".panel").forEach((panel) => {
-    const slider = panel.querySelector(".opacity-slider");
-    const layer = panel.querySelector(".layer");
-    if (!slider || !layer) return;
-    // Until moved, the layer follows the page-wide opacity (results.js); then this slider's.
-    slider.addEventListener("input", () => { layer.style.opacity = slider.value; });
+  // Delegated: the grid's views are opened in place after the page loaded. Until moved, a
+  // layer follows the page-wide opacity (maps.js); then its own panel's slider.
+  document.addEventListener("input", (event) => {
+    const slider = event.target.closest(".opacity-slider");
+    const layer = slider && slider.closest(".panel").querySelector(".layer");
+    if (layer) layer.style.opacity = slider.value;
   });
 
   if (root.dataset.finished === "true") return;

@@ -162,7 +162,9 @@ def _form_post_routes(app) -> list[str]:
 
 # Every form route (dataset mode's too); each is posted below without a valid token.
 FORM_ROUTES = ["/", "/datasets", "/evaluations/<job_id>/cancel", "/evaluations/<job_id>/explain",
-               "/jobs/<job_id>/cancel", "/login", "/logout", "/sanity", "/sanity/<job_id>/cancel"]
+               "/jobs/<job_id>/cancel", "/login", "/logout", "/sanity", "/sanity/<job_id>/cancel",
+               "/timelines", "/timelines/<job_id>/cancel", "/timelines/<job_id>/explain",
+               "/timelines/<job_id>/extend"]
 
 
 def test_the_form_routes_are_the_ones_this_test_knows(make_app):

@@ -74,9 +74,6 @@ def test_upload_run_and_read_results_in_firefox(tmp_path):
             "const open = document.querySelector('.view.detail.open');"
             "return open !== null && Array.from(open.querySelectorAll('img'))"
             ".every(i => i.complete && i.naturalWidth > 0)"), 30, "the detail's images")
-        top1 = script("return document.querySelector('.view.open .topk tr.top1 .class-index')"
-                      ".textContent")
-        assert int(top1.strip("() ")) in CAT_CLASSES, top1
 
         shown = script("return Array.from(document.querySelectorAll('.row-head .filename'))"
                        ".map(e => e.textContent)")
@@ -89,6 +86,16 @@ def test_upload_run_and_read_results_in_firefox(tmp_path):
         opacity = script("return getComputedStyle(document.querySelector("
                          "'.view.open .panel .layer')).opacity")
         assert float(opacity) == pytest.approx(0.6)
+
+        # The row's heading opens the image's view: every prediction, and every method.
+        script("""Array.from(document.querySelectorAll('tr.grid-row'))
+            .find(r => r.querySelector('.filename').textContent.includes('chelsea.jpg'))
+            .querySelector('a.row-link').click();""")
+        wait_until(lambda: script("return document.querySelector('.view.compare.open .topk') "
+                                  "!== null"), 30, "the image's view")
+        top1 = script("return document.querySelector('.view.compare.open .topk tr.top1 "
+                      ".class-index').textContent")
+        assert int(top1.strip("() ")) in CAT_CLASSES, top1
 
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "firefox-job-results.png").write_bytes(
