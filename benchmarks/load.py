@@ -121,8 +121,8 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
         else:
             # A caller's data dir is the app's alone: the log goes beside it.
             log_path = data_dir.parent / f"gunicorn-{port}.log"
-        # MALLOC_ARENA_MAX as the image sets it (Dockerfile): glibc reads it at process start.
-        environ = {"MALLOC_ARENA_MAX": "2", **os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
+        # glibc's settings as the image sets them (Dockerfile): read at process start.
+        environ = {**MALLOC_SETTINGS, **os.environ, "CONVSCOPE_BIND": f"127.0.0.1:{port}",
                    "CONVSCOPE_DATA_DIR": str(data_dir), "CONVSCOPE_DEVICE": "cpu",
                    "CONVSCOPE_ACCESS_LOG": "0", "CONVSCOPE_TORCH_THREADS":
                    os.environ.get("CONVSCOPE_TORCH_THREADS", "1"), **(env or {})}
@@ -174,6 +174,11 @@ def make_image(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+# The image's allocator settings (Dockerfile, README "Deployment settings").
+MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "4194304",
+                   "MALLOC_TRIM_THRESHOLD_": "4194304"}
 
 
 # method name, params, weight: cheap methods dominate; a coarse occlusion now and then.

@@ -209,6 +209,7 @@ def test_dockerfile_volumes_and_settings():
     assert env["CONVSCOPE_DATA_DIR"] == "/data"
     assert env["CONVSCOPE_BIND"] == "0.0.0.0:8000"   # inside the container; publish on loopback
     assert env["MALLOC_ARENA_MAX"] == "2"            # a flat heap under load (README)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == "4194304"
     assert 'VOLUME ["/data"]' in DOCKERFILE
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"convscope-healthcheck\"\]", DOCKERFILE,
                      flags=re.M)
