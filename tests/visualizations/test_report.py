@@ -107,8 +107,12 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
         for visualization in image["visualizations"]:
             assert set(visualization) == VISUALIZATION_KEYS
             assert visualization["elapsed_ms"] > 0
+            # A method's own extra fields (Panel.extra): the occlusion methods name the path
+            # that ran (incremental or dense).
+            extra = ({"engine"} if visualization["method"] in ("occlusion", "partial_occlusion")
+                     else set())
             for panel in visualization["panels"]:
-                assert set(panel) == PANEL_KEYS
+                assert PANEL_KEYS <= set(panel) <= PANEL_KEYS | extra
                 assert isinstance(panel["signed"], bool)
                 if panel["target"] is not None:
                     assert set(panel["target"]) == PREDICTION_KEYS
@@ -128,7 +132,8 @@ def test_writes_report_files_and_exact_results_json(tmp_path: Path, checkpoint_d
         grad_cam_targets = [p["target"]["label"] for p in by_method["grad_cam"]["panels"]]
         predicted = image["predictions"][0]["label"]
         assert grad_cam_targets == list(dict.fromkeys([predicted, "blue"]))
-        assert by_method["occlusion"]["params"] == {"window": 8, "stride": 4, "fill": "mean"}
+        assert by_method["occlusion"]["params"] == {"window": 8, "stride": 4, "fill": "mean",
+                                                    "engine": None}   # None: automatic
         assert by_method["partial_occlusion"]["params"]["positions"] == 4
         assert any(p["target"] is None for p in by_method["partial_occlusion"]["panels"])
 

@@ -195,8 +195,8 @@ def test_cancel_stops_a_long_occlusion_job_promptly(make_app, tmp_path):
     client = app.test_client()
     image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
     # 48 x 48 windows of 1 px = 2304 evaluations at 4 per 30 ms forward: ~17 s if not stopped.
-    response = submit(client, [image], [{"name": "occlusion",
-                                         "params": {"window": 1, "stride": 1}}])
+    response = submit(client, [image], [{"name": "occlusion", "params": {
+        "window": 1, "stride": 1, "engine": "dense"}}])
     job_id = response.json["id"]
     running = wait_job(client, job_id, until=lambda job: job["progress"] > 0.02)
     assert running["status"] == "running"
@@ -299,7 +299,7 @@ def test_shutdown_cancels_queued_and_running_jobs_with_a_recorded_status(make_ap
     app = make_app(directory=directory, batch_size=4, max_cost=100000)
     client = app.test_client()
     image = upload(client, (png_bytes(seed=3), "photo.png"))[0]["id"]
-    long = [{"name": "occlusion", "params": {"window": 1, "stride": 1}}]
+    long = [{"name": "occlusion", "params": {"window": 1, "stride": 1, "engine": "dense"}}]
     running = submit(client, [image], long).json["id"]
     queued = submit(client, [image], long).json["id"]
     wait_job(client, running, until=lambda job: job["status"] == "running")
@@ -320,8 +320,8 @@ def test_a_second_server_process_sees_progress_and_can_cancel(make_app, tmp_path
     owner = make_app(directory=directory, batch_size=4, max_cost=100000).test_client()
     other = make_app(directory=directory).test_client()
     image = upload(owner, (png_bytes(seed=3), "photo.png"))[0]["id"]
-    job_id = submit(owner, [image], [{"name": "occlusion",
-                                      "params": {"window": 1, "stride": 1}}]).json["id"]
+    slow = {"window": 1, "stride": 1, "engine": "dense"}      # dense: seconds, not instant
+    job_id = submit(owner, [image], [{"name": "occlusion", "params": slow}]).json["id"]
     seen = wait_job(other, job_id, timeout=15, until=lambda job: job["progress"] > 0)
     assert seen["status"] == "running"
     response = other.delete(f"/api/v1/jobs/{job_id}")
