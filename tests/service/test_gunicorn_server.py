@@ -139,10 +139,12 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_answers_within_seconds(tmp
 def test_quick_load_run_passes(capsys):
     """4 clients x 15 s: no unexpected 5xx, every accepted job done, memory flat.
 
-    In runs this short the heap floor moves by up to about 60 MB between windows without any
-    leak (measured); a leak of 1 MB per job would show as about 140 MB over its ~140 jobs.
-    The 2-minute run (benchmarks/load.py) judges with 64 MB."""
-    status = load_main(["--quick", "--rss-tolerance-mb", "96"])
+    In runs this short the heap floor moves between windows without any leak: up to about 60 MB
+    with the cheap methods, 104 MB once (in four runs) since saliency defaults to SmoothGrad,
+    whose batches take the peak to 1.6 GB. Before the allocator settings of the image the same
+    run grew 130-780 MB, which 128 MB still catches. The 2-minute run (benchmarks/load.py)
+    judges with 64 MB."""
+    status = load_main(["--quick", "--rss-tolerance-mb", "128"])
     output = capsys.readouterr().out
     assert status == 0, output
     assert "RESULT: OK" in output
