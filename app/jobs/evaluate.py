@@ -9,16 +9,16 @@ can ask for a cancel). The outcome goes to the ``ResultStore``; ``job.outcome_ke
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 from app.dataset_catalog import DatasetCatalog
 from app.datasets import match_labels
-from app.errors import Cancelled, UnknownModel
+from app.errors import UnknownModel
 from app.evaluation import Evaluation, summary_of
 from app.evaluation_store import StoreChunkCache, store_outcome
-from app.jobs.record import Job, cancel_reason_text
+from app.jobs.checkpoint import JobCheckpoint
+from app.jobs.record import Job
 from app.pipeline import ModelIdentity
 
 if TYPE_CHECKING:
@@ -66,8 +66,6 @@ class EvaluateSpec:
 class EvaluateRun:
     """One evaluation job, run in the thread that owns the device."""
 
-    CHECKPOINT_S = 1.0
-
     def __init__(self, services: "JobResources", job: Job, *,
                  stopping: Callable[[], bool] = lambda: False,
                  offer_turn: Callable[[], None] | None = None) -> None:
@@ -75,7 +73,8 @@ class EvaluateRun:
         self.job = job
         self.spec: EvaluateSpec = job.spec      # type: ignore[assignment]
         self.stopping = stopping
-        self._last_checkpoint = time.monotonic()
+        self._job_checkpoint = JobCheckpoint(services, job, stopping)
+        self._check_cancel = self._job_checkpoint.raise_if_cancelled
 
     def _load_model(self) -> "LoadedModel":
         model = self.services.catalog.load(self.spec.model_id)
@@ -84,17 +83,6 @@ class EvaluateRun:
                                "submit it again.")
         return model
 
-    def _check_cancel(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_checkpoint >= self.CHECKPOINT_S:
-            self._last_checkpoint = now
-            if self.services.jobs.cancel_requested(self.job):
-                self.job.cancel_event.set()
-            self.services.jobs.save(self.job)
-        if self.stopping():
-            self.job.cancel_event.set()
-        if self.job.cancel_event.is_set():
-            raise Cancelled(cancel_reason_text(self.stopping()))
 
     def steps(self) -> Iterator[None]:
         self._check_cancel(force=True)

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
-from app.errors import Cancelled, UnknownModel
-from app.jobs.record import Job, cancel_reason_text
+from app.errors import UnknownModel
+from app.jobs.checkpoint import JobCheckpoint
+from app.jobs.record import Job
 from app.pipeline import MethodRequest, ModelIdentity
 from app.sanity import SEED, latest_key, sanity_key
 from visualizations.context import RunContext
@@ -75,8 +76,6 @@ class SanitySpec:
 class SanityRun:
     """One sanity-check job, run in the thread that owns the device."""
 
-    CHECKPOINT_S = 1.0
-
     def __init__(self, services: "JobResources", job: Job, *,
                  stopping: Callable[[], bool] = lambda: False,
                  offer_turn: Callable[[], None] | None = None) -> None:
@@ -85,7 +84,8 @@ class SanityRun:
         self.spec: SanitySpec = job.spec      # type: ignore[assignment]
         self.stopping = stopping
         self._offer_turn = offer_turn
-        self._last_checkpoint = time.monotonic()
+        self._job_checkpoint = JobCheckpoint(services, job, stopping)
+        self._check_cancel = self._job_checkpoint.raise_if_cancelled
 
     def _load_model(self) -> "LoadedModel":
         model = self.services.catalog.load(self.spec.model_id)
@@ -94,17 +94,6 @@ class SanityRun:
                                "submit it again.")
         return model
 
-    def _check_cancel(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_checkpoint >= self.CHECKPOINT_S:
-            self._last_checkpoint = now
-            if self.services.jobs.cancel_requested(self.job):
-                self.job.cancel_event.set()
-            self.services.jobs.save(self.job)
-        if self.stopping():
-            self.job.cancel_event.set()
-        if self.job.cancel_event.is_set():
-            raise Cancelled(cancel_reason_text(self.stopping()))
 
     def _progress(self, fraction: float) -> None:
         with self.job.lock:

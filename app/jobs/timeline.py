@@ -24,12 +24,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 from app.errors import Cancelled, ConvscopeError, UnknownModel
-from app.jobs.record import Job, cancel_reason_text, error_dict
+from app.jobs.checkpoint import JobCheckpoint
+from app.jobs.record import Job, error_dict
 from app.pipeline import (MethodRequest, ModelIdentity, StoredInputs, image_targets, predict,
                           prediction_key, visualization_key, visualize)
 from app.stores import result_key
@@ -102,8 +102,6 @@ class TimelineSpec:
 class TimelineRun:
     """One timeline job, run in the thread that owns the device."""
 
-    CHECKPOINT_S = 1.0
-
     def __init__(self, services: "JobResources", job: Job, *,
                  stopping: Callable[[], bool] = lambda: False,
                  offer_turn: Callable[[], None] | None = None) -> None:
@@ -111,7 +109,8 @@ class TimelineRun:
         self.job = job
         self.spec: TimelineSpec = job.spec          # type: ignore[assignment]
         self.stopping = stopping
-        self._last_checkpoint = time.monotonic()
+        self._job_checkpoint = JobCheckpoint(services, job, stopping)
+        self._check_cancel = self._job_checkpoint.raise_if_cancelled
         self._model: "LoadedModel | None" = None
         self._model_id: str | None = None
         self._top_k = services.settings.top_k
@@ -122,27 +121,13 @@ class TimelineRun:
 
     # --- bookkeeping ----------------------------------------------------------------------
 
-    def _check_cancel(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_checkpoint >= self.CHECKPOINT_S:
-            self._last_checkpoint = now
-            if self.services.jobs.cancel_requested(self.job):
-                self.job.cancel_event.set()
-            self.services.jobs.save(self.job)
-        if self.stopping():
-            self.job.cancel_event.set()
-        if self.job.cancel_event.is_set():
-            raise Cancelled(cancel_reason_text(self.stopping()))
 
     def _poll_cancel(self, fraction: float) -> None:
         """Progress callback of a long method: a cancel asked through any server process
         sets the event the method checks between its batches."""
-        now = time.monotonic()
-        if now - self._last_checkpoint >= self.CHECKPOINT_S:
-            self._last_checkpoint = now
-            if self.services.jobs.cancel_requested(self.job) or self.stopping():
-                self.job.cancel_event.set()
-            self.services.jobs.save(self.job)
+        self._job_checkpoint.sync()
+        if self.stopping():
+            self.job.cancel_event.set()
 
     def _advance(self, units: int = 1, *, model_runs: int = 0, cache_hits: int = 0) -> None:
         self._units_done += units

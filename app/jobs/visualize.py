@@ -4,11 +4,11 @@ target answered from the ``ResultStore`` when it was computed before, else compu
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from app.errors import Cancelled, ConvscopeError, Internal, UnknownModel
 from app.faithfulness_scores import FaithfulnessScorer
+from app.jobs.checkpoint import JobCheckpoint
 from app.jobs.record import (CANCELLED, DONE, FAILED, RUNNING, ImageOutcome, Job, JobItem,
                              cancel_reason_text, error_dict)
 from app.pipeline import (MethodRequest, StoredInputs, image_targets, predict, prediction_key,
@@ -32,8 +32,6 @@ class VisualizeRun:
     steps right there -- only while this model carries no hooks of a running method, so those
     steps' forward passes are never seen by this computation's hooks."""
 
-    CHECKPOINT_S = 1.0
-
     def __init__(self, services: "JobResources", job: Job, *,
                  stopping: Callable[[], bool] = lambda: False,
                  offer_turn: Callable[[], None] | None = None) -> None:
@@ -45,7 +43,7 @@ class VisualizeRun:
         self._model: "LoadedModel | None" = None
         self._model_hooks: set[Any] = set()
         self._load_error: ConvscopeError | None = None
-        self._last_checkpoint = time.monotonic()
+        self._checkpoint = JobCheckpoint(services, job, stopping).sync
         # One per job: each random reference is computed once per image x target, for all
         # of the job's methods.
         self._scorer = FaithfulnessScorer() if self.spec.faithfulness else None
@@ -211,17 +209,6 @@ class VisualizeRun:
                     and hook_ids(self._model.module) == self._model_hooks):
                 self._offer_turn()
         return report
-
-    def _checkpoint(self) -> None:
-        """At most every ``CHECKPOINT_S``: save progress for other server processes and pick up
-        a cancel requested through one of them."""
-        now = time.monotonic()
-        if now - self._last_checkpoint < self.CHECKPOINT_S:
-            return
-        self._last_checkpoint = now
-        if self.services.jobs.cancel_requested(self.job):
-            self.job.cancel_event.set()
-        self.services.jobs.save(self.job)
 
     def _count(self, *, model_runs: int = 0, cache_hits: int = 0) -> None:
         with self.job.lock:
