@@ -27,11 +27,9 @@
 
   if (root.dataset.finished === "true") return;
 
-  const terminal = new Set(["done", "failed", "cancelled"]);
   const statusBadge = document.getElementById("evaluation-status");
   const bar = document.getElementById("evaluation-progress");
   const percent = document.getElementById("evaluation-percent");
-  let failures = 0;
 
   function update(evaluation) {
     statusBadge.textContent = evaluation.status;
@@ -42,30 +40,5 @@
     document.getElementById("cache-hits").textContent = evaluation.cache_hits;
   }
 
-  async function poll() {
-    try {
-      const response = await fetch(root.dataset.apiUrl + "?images=0", {
-        credentials: "same-origin", headers: { "Accept": "application/json" },
-      });
-      if (response.ok) {
-        const evaluation = await response.json();
-        update(evaluation);
-        if (terminal.has(evaluation.status)) {
-          window.location.reload();
-          return;
-        }
-        failures = 0;
-      } else if (response.status === 404 || response.status === 410) {
-        window.location.reload();
-        return;
-      } else {
-        failures += 1;
-      }
-    } catch (error) {
-      failures += 1;
-    }
-    window.setTimeout(poll, Math.min(10000, 600 * (1 + failures)));
-  }
-
-  window.setTimeout(poll, 400);
+  window.convscopePollUntilDone(root.dataset.apiUrl + "?images=0", update, 600);
 })();

@@ -18,11 +18,9 @@
 
   if (root.dataset.finished === "true") return;
 
-  const terminal = new Set(["done", "failed", "cancelled"]);
   const statusBadge = document.getElementById("job-status");
   const overall = document.getElementById("job-progress");
   const percent = document.getElementById("job-percent");
-  let failures = 0;
 
   function update(job) {
     statusBadge.textContent = job.status;
@@ -42,31 +40,5 @@
     });
   }
 
-  async function poll() {
-    try {
-      const response = await fetch(root.dataset.apiUrl, {
-        credentials: "same-origin", headers: { "Accept": "application/json" },
-      });
-      if (response.ok) {
-        const job = await response.json();
-        update(job);
-        if (terminal.has(job.status)) {
-          window.location.reload();
-          return;
-        }
-        failures = 0;
-      } else if (response.status === 404 || response.status === 410) {
-        // The job is gone or its results expired: the page itself shows why.
-        window.location.reload();
-        return;
-      } else {
-        failures += 1;
-      }
-    } catch (error) {
-      failures += 1;
-    }
-    window.setTimeout(poll, Math.min(10000, 700 * (1 + failures)));
-  }
-
-  window.setTimeout(poll, 500);
+  window.convscopePollUntilDone(root.dataset.apiUrl, update, 700);
 })();
