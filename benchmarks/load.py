@@ -11,14 +11,22 @@ for ``Retry-After`` on 503 ``E_BUSY``, polls its jobs to the end and fetches one
 Traffic goes only to 127.0.0.1.
 
 Before the clock starts, one job runs every method of the mix once (each method's first run
-grows the heap to its working size). Pass criteria (printed, and the exit status): no 5xx other than 503 E_BUSY carrying Retry-After,
-no connection errors, every accepted job ends "done", the server answers health at the end, and
-the workers' heap floor is flat after warm-up: the lowest anonymous resident memory (RssAnon
-from /proc, sampled twice a second) in the last window is within ``--rss-tolerance-mb`` of the
-lowest in the first window after warm-up. The floor, not the median, because each batch is a
-short spike of 100-200 MB above it, and a leak is what raises the floor. File-backed resident
+grows the heap to its working size). Pass criteria (printed, and the exit status): no 5xx other
+than 503 E_BUSY carrying Retry-After, no connection errors, every accepted job ends "done", the
+server answers health at the end, and the workers' heap at rest does not grow: their anonymous
+resident memory (RssAnon from /proc: the heap, where a leak shows) with no job running, after
+the warm-up and again after the last job, differs by less than ``--rss-tolerance-mb``. At rest,
+because while jobs run the heap moves by the size of their batches (SmoothGrad's reach 1 GB
+above the floor) and a window of a short run may never see the floor. File-backed resident
 memory (shared libraries paged in as code paths are first used) is printed but not judged: on a
 cold page cache it grows for a while without any leak.
+
+``--per-method`` instead runs one job per method, one after another, and checks that the heap at
+rest returns to within 15 % of its level after the warm-up after each of them (every method at
+its defaults, faithfulness scores included).
+
+``--quick`` (the test suite) is 4 clients x 15 s of the cheap mix: plain gradients instead of
+SmoothGrad and no faithfulness scores, so that it tests the service, not the arithmetic.
 """
 from __future__ import annotations
 
@@ -26,7 +34,6 @@ import argparse
 import collections
 import contextlib
 import io
-import math
 import os
 import random
 import shlex
@@ -177,7 +184,7 @@ def make_image(seed: int) -> bytes:
 
 
 # The image's allocator settings (Dockerfile, README "Deployment settings").
-MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "4194304",
+MALLOC_SETTINGS = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "33554432",
                    "MALLOC_TRIM_THRESHOLD_": "4194304"}
 
 
@@ -187,6 +194,16 @@ DEFAULT_MIX = [
     ("saliency", {}, 3),
     ("occlusion", {"window": 56, "stride": 56}, 1),
 ]
+# The suite's quick run: the same shape of traffic at a fraction of the arithmetic.
+QUICK_MIX = [
+    ("grad_cam", {}, 6),
+    ("saliency", {"smoothgrad_samples": 0}, 3),
+    ("occlusion", {"window": 56, "stride": 56}, 1),
+]
+# Every method at its defaults, for --per-method.
+PER_METHOD_DEFAULT = ("saliency", "integrated_gradients", "occlusion", "partial_occlusion",
+                      "cam", "grad_cam", "guided_grad_cam", "adversarial")
+PER_METHOD_TOLERANCE = 0.15     # of the heap at rest after the warm-up
 
 
 @dataclass
@@ -224,10 +241,10 @@ def _error_code(response: requests.Response) -> str | None:
 
 class Client(threading.Thread):
     def __init__(self, number: int, base_url: str, deadline: float, tally: Tally,
-                 mix: list[tuple[str, dict, int]], seed: int) -> None:
+                 mix: list[tuple[str, dict, int]], seed: int, faithfulness: bool) -> None:
         super().__init__(name=f"client-{number}", daemon=True)
         self.number, self.base_url, self.deadline, self.tally = number, base_url, deadline, tally
-        self.mix = mix
+        self.mix, self.faithfulness = mix, faithfulness
         self.random = random.Random(seed)
         self.session = requests.Session()
         self.uploaded: list[str] = []
@@ -278,7 +295,7 @@ class Client(threading.Thread):
             response = self.call("submit", "POST", "/api/v1/jobs", json={
                 "model": "latest", "images": [image_id],
                 "visualizations": [{"name": name, "params": params}],
-                "targets": ["predicted"]})
+                "targets": ["predicted"], "faithfulness": self.faithfulness})
             if response is None:
                 busy_for = 1.0
                 break
@@ -351,54 +368,74 @@ class RssSampler(threading.Thread):
             self.samples.append((time.monotonic() - started, totals, pids))
 
 
-def warm_up(base_url: str, mix: list[tuple[str, dict, int]], timeout: float = 180.0) -> float:
+def upload(session: requests.Session, base_url: str, seed: int) -> str:
+    response = session.post(base_url + "/api/v1/images", timeout=60, files={
+        "image": (f"image-{seed}.jpg", make_image(seed), "image/jpeg")})
+    response.raise_for_status()
+    return response.json()["images"][0]["id"]
+
+
+def run_job(session: requests.Session, base_url: str, image_id: str,
+            visualizations: list[dict[str, Any]], faithfulness: bool,
+            timeout: float = 600.0) -> float:
+    """Submit one job and wait for it to end "done"; returns its seconds."""
+    started = time.monotonic()
+    submit = session.post(base_url + "/api/v1/jobs", timeout=60, json={
+        "model": "latest", "images": [image_id], "visualizations": visualizations,
+        "targets": ["predicted"], "faithfulness": faithfulness})
+    submit.raise_for_status()
+    job_url = f"{base_url}/api/v1/jobs/{submit.json()['id']}"
+    while time.monotonic() - started < timeout:
+        record = session.get(job_url, timeout=60).json()
+        if record["status"] in TERMINAL:
+            if record["status"] != "done":
+                raise RuntimeError(f"job {record['id']} ended {record['status']}: "
+                                   f"{record.get('error')}")
+            return time.monotonic() - started
+        time.sleep(0.2)
+    raise RuntimeError(f"a job did not finish within {timeout:.0f} s")
+
+
+def warm_up(base_url: str, mix: list[tuple[str, dict, int]], faithfulness: bool) -> float:
     """Run one job with every method of the mix before the clock starts; returns its seconds.
 
     Each method's first run grows the heap to its working size (batch buffers, allocator pools);
     without this a method first picked late in a short run looks like a leak.
     """
-    started = time.monotonic()
     session = requests.Session()
-    upload = session.post(base_url + "/api/v1/images", timeout=60, files={
-        "image": ("warm-up.jpg", make_image(2**31 - 1), "image/jpeg")})   # a seed no client uses
-    upload.raise_for_status()
-    submit = session.post(base_url + "/api/v1/jobs", timeout=60, json={
-        "model": "latest", "images": [upload.json()["images"][0]["id"]],
-        "visualizations": [{"name": name, "params": params} for name, params, _ in mix],
-        "targets": ["predicted"]})
-    submit.raise_for_status()
-    job_url = f"{base_url}/api/v1/jobs/{submit.json()['id']}"
-    while time.monotonic() - started < timeout:
-        status = session.get(job_url, timeout=60).json()["status"]
-        if status in TERMINAL:
-            if status != "done":
-                raise RuntimeError(f"the warm-up job ended {status}")
-            return time.monotonic() - started
-        time.sleep(0.2)
-    raise RuntimeError(f"the warm-up job did not finish within {timeout:.0f} s")
+    image_id = upload(session, base_url, 2**31 - 1)      # a seed no client uses
+    return run_job(session, base_url, image_id,
+                   [{"name": name, "params": params} for name, params, _ in mix], faithfulness)
 
 
-def memory_floors_mb(samples: list[tuple[float, dict[str, int], tuple[int, ...]]], name: str, *,
-                     warmup: float, duration: float) -> tuple[float, float]:
-    """Lowest ``name`` (MB) in the first window after warm-up and in the last window of the run."""
-    window = max(5.0, min(15.0, (duration - warmup) / 4))
-    first = [sizes[name] for t, sizes, _ in samples if warmup <= t < warmup + window]
-    last = [sizes[name] for t, sizes, _ in samples if duration - window <= t < duration]
-    return (min(first) / 1024 if first else float("nan"),
-            min(last) / 1024 if last else float("nan"))
+def heap_at_rest_mb(server: GunicornServer, settle: float = 1.5, span: float = 2.0) -> float:
+    """The workers' anonymous resident memory (MB) with no job running: the lowest of a few
+    samples taken after ``settle`` seconds, so a step's buffers still being freed don't count."""
+    time.sleep(settle)
+    readings = []
+    deadline = time.monotonic() + span
+    while time.monotonic() < deadline:
+        sizes = [memory_kib(pid) for pid in server.worker_pids()]
+        if sizes and all(sizes):
+            readings.append(sum(size["RssAnon"] for size in sizes) / 1024)
+        time.sleep(0.25)
+    if not readings:
+        raise RuntimeError("no worker's memory could be read")
+    return min(readings)
 
 
-def run_load(server: GunicornServer, *, clients: int, duration: float, warmup: float,
-             mix: list[tuple[str, dict, int]], rss_tolerance_mb: float,
+def run_load(server: GunicornServer, *, clients: int, duration: float,
+             mix: list[tuple[str, dict, int]], faithfulness: bool, rss_tolerance_mb: float,
              drain_timeout: float = 180.0) -> dict[str, Any]:
-    warm_up_seconds = warm_up(server.base_url, mix)
+    warm_up_seconds = warm_up(server.base_url, mix, faithfulness)
+    rest_before = heap_at_rest_mb(server)
     tally = Tally()
     sampler = RssSampler(server)
     sampler.start()
     started = time.monotonic()
     deadline = started + duration
-    threads = [Client(number, server.base_url, deadline, tally, mix, seed=number)
-               for number in range(clients)]
+    threads = [Client(number, server.base_url, deadline, tally, mix, seed=number,
+                      faithfulness=faithfulness) for number in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:   # clients stop submitting at the deadline, then follow their jobs
@@ -406,14 +443,14 @@ def run_load(server: GunicornServer, *, clients: int, duration: float, warmup: f
     elapsed = time.monotonic() - started
     sampler.stopped.set()
     sampler.join()
+    rest_after = heap_at_rest_mb(server)    # every client has followed its jobs to the end
     health = requests.get(server.base_url + "/api/v1/health", timeout=10).status_code
 
     samples = sampler.samples
     pid_sets = {pids for _, _, pids in samples if pids}
-    anon_first, anon_last = memory_floors_mb(samples, "RssAnon", warmup=warmup, duration=duration)
-    file_first, file_last = memory_floors_mb(samples, "RssFile", warmup=warmup, duration=duration)
     anon_peak = max((sizes["RssAnon"] for _, sizes, _ in samples), default=0) / 1024
-    growth = anon_last - anon_first
+    file_sizes = [sizes["RssFile"] / 1024 for _, sizes, _ in samples]
+    growth = rest_after - rest_before
     busy = sum(count for (what, status), count in tally.statuses.items()
                if what == "submit" and status == 503)
     accepted = len(tally.accepted)
@@ -422,8 +459,8 @@ def run_load(server: GunicornServer, *, clients: int, duration: float, warmup: f
         "every accepted job done": accepted > 0 and tally.outcomes["done"] == accepted,
         "health answers at the end": health == 200,
         "same workers throughout (none crashed)": len(pid_sets) == 1,
-        f"worker heap floor (RssAnon) flat after warm-up (growth < {rss_tolerance_mb:.0f} MB)":
-            not math.isnan(growth) and growth < rss_tolerance_mb,   # NaN: a window had no sample
+        f"worker heap at rest (RssAnon) flat after warm-up (growth < {rss_tolerance_mb:.0f} MB)":
+            growth < rss_tolerance_mb,
     }
     return {
         "clients": clients, "duration_s": duration, "elapsed_s": round(elapsed, 1),
@@ -435,9 +472,10 @@ def run_load(server: GunicornServer, *, clients: int, duration: float, warmup: f
         "job_seconds_median": round(statistics.median(tally.job_seconds), 2)
         if tally.job_seconds else None,
         "jobs_per_minute": round(tally.outcomes["done"] / elapsed * 60, 1),
-        "anon_mb_after_warmup": round(anon_first, 1), "anon_mb_end": round(anon_last, 1),
+        "anon_mb_after_warmup": round(rest_before, 1), "anon_mb_end": round(rest_after, 1),
         "anon_mb_peak": round(anon_peak, 1), "anon_growth_mb": round(growth, 1),
-        "file_mb_after_warmup": round(file_first, 1), "file_mb_end": round(file_last, 1),
+        "file_mb_start": round(file_sizes[0], 1) if file_sizes else None,
+        "file_mb_end": round(file_sizes[-1], 1) if file_sizes else None,
         "problems": tally.bad[:20], "problem_count": len(tally.bad),
         "checks": checks, "ok": all(checks.values()),
     }
@@ -453,11 +491,11 @@ def print_summary(summary: dict[str, Any]) -> None:
           f"busy (503 E_BUSY), outcomes {summary['job_outcomes']}, median "
           f"{summary['job_seconds_median']} s from submit to end, "
           f"{summary['jobs_per_minute']} done/min")
-    print(f"  worker heap floor (RssAnon): {summary['anon_mb_after_warmup']} MB after warm-up -> "
-          f"{summary['anon_mb_end']} MB at the end (growth {summary['anon_growth_mb']} MB, "
-          f"peak {summary['anon_mb_peak']} MB)")
-    print(f"  worker file-backed floor (RssFile: libraries, mapped files): "
-          f"{summary['file_mb_after_warmup']} MB after warm-up -> {summary['file_mb_end']} MB")
+    print(f"  worker heap at rest (RssAnon): {summary['anon_mb_after_warmup']} MB after warm-up "
+          f"-> {summary['anon_mb_end']} MB after the last job (growth "
+          f"{summary['anon_growth_mb']} MB; peak under load {summary['anon_mb_peak']} MB)")
+    print(f"  worker file-backed memory (RssFile: libraries, mapped files): "
+          f"{summary['file_mb_start']} MB at the start -> {summary['file_mb_end']} MB")
     for problem in summary["problems"]:
         print(f"  problem: {problem}")
     for name, passed in summary["checks"].items():
@@ -465,15 +503,54 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("RESULT:", "OK" if summary["ok"] else "FAILED")
 
 
+def run_per_method(server: GunicornServer, methods: list[str],
+                   tolerance: float = PER_METHOD_TOLERANCE) -> bool:
+    """One job per method at its defaults, one after another: after each, the heap at rest must
+    be back within ``tolerance`` of where it was after the warm-up (what a long-lived worker keeps
+    after a job). Prints a line per method; returns whether every one passed."""
+    session = requests.Session()
+    image_id = upload(session, server.base_url, 2**31 - 2)
+    # The warm-up: every method once, so each has grown the heap to its working size.
+    seconds = run_job(session, server.base_url, image_id,
+                      [{"name": name, "params": {}} for name in methods], faithfulness=True)
+    floor = heap_at_rest_mb(server)
+    print(f"warm-up job with {len(methods)} methods: {seconds:.1f} s; heap at rest after it: "
+          f"{floor:.0f} MB (each method must come back within {tolerance:.0%}: "
+          f"{floor * (1 + tolerance):.0f} MB)")
+    passed = True
+    sampler = RssSampler(server)
+    sampler.start()
+    for number, name in enumerate(methods):
+        first_sample = len(sampler.samples)
+        image_id = upload(session, server.base_url, 2**30 + number)     # a new image: no cache
+        seconds = run_job(session, server.base_url, image_id, [{"name": name, "params": {}}],
+                          faithfulness=True)
+        rest = heap_at_rest_mb(server)
+        peak = max((sizes["RssAnon"] / 1024 for _, sizes, _ in sampler.samples[first_sample:]),
+                   default=rest)
+        ok = rest <= floor * (1 + tolerance)
+        passed &= ok
+        print(f"  [{'PASS' if ok else 'FAIL'}] {name:<22} {seconds:6.1f} s   peak {peak:6.0f} MB"
+              f"   at rest after it {rest:6.0f} MB ({(rest - floor) / floor:+.1%})", flush=True)
+    sampler.stopped.set()
+    sampler.join()
+    print("RESULT:", "OK" if passed else "FAILED")
+    return passed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of traffic")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds before memory counts as warm (default: a quarter)")
-    parser.add_argument("--quick", action="store_true", help="4 clients x 15 s (the test suite)")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 clients x 15 s of the cheap mix (the test suite)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods to use instead of the default mix")
+                        help="comma-separated methods (at their defaults) instead of the mix")
+    parser.add_argument("--no-faithfulness", action="store_true",
+                        help="jobs without faithfulness scores (the default with --quick)")
+    parser.add_argument("--per-method", action="store_true",
+                        help="one job per method instead of traffic: the heap at rest must come "
+                             f"back within {PER_METHOD_TOLERANCE:.0%} after each")
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     parser.add_argument("--checkpoint-dir", default=None, help="default: the bundled demo")
     parser.add_argument("--server-log", default=None, help="copy gunicorn's log here")
@@ -481,10 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra gunicorn arguments after the config file, e.g. to compare "
                              "\"--worker-class gthread --threads 8 app:create_app()\"")
     args = parser.parse_args(argv)
+    mix, faithfulness = DEFAULT_MIX, not args.no_faithfulness
     if args.quick:
-        args.clients, args.duration = 4, 15.0
-    warmup = args.warmup if args.warmup is not None else args.duration / 4
-    mix = DEFAULT_MIX
+        args.clients, args.duration, mix, faithfulness = 4, 15.0, QUICK_MIX, False
     if args.methods:
         mix = [(name, {}, 1) for name in args.methods.split(",")]
     env = {"CONVSCOPE_CHECKPOINT_DIR": args.checkpoint_dir} if args.checkpoint_dir else {}
@@ -492,8 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     with gunicorn_server(env, extra_args=shlex.split(args.gunicorn_args)) as server:
         print(f"gunicorn ready at {server.base_url} in {time.monotonic() - started:.1f} s "
               f"(master {server.master_pid}, workers {server.worker_pids()})", flush=True)
-        summary = run_load(server, clients=args.clients, duration=args.duration, warmup=warmup,
-                           mix=mix, rss_tolerance_mb=args.rss_tolerance_mb)
+        if args.per_method:
+            methods = args.methods.split(",") if args.methods else list(PER_METHOD_DEFAULT)
+            return 0 if run_per_method(server, methods) else 1
+        summary = run_load(server, clients=args.clients, duration=args.duration, mix=mix,
+                           faithfulness=faithfulness, rss_tolerance_mb=args.rss_tolerance_mb)
         if args.server_log:
             Path(args.server_log).write_text(server.log())
     print_summary(summary)
