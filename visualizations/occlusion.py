@@ -24,6 +24,7 @@ react to (a black square is not "nothing").
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,8 @@ from visualizations.base import (AUTO, Attribution, Panel, RunContext, TargetInf
                                  param)
 from visualizations.batching import choose_batch_size, for_each_batch, is_out_of_memory
 from visualizations.common import as_model_input, blurred, check_finite, pixel_values
-from visualizations.incremental.auto import ENGINES, choose, windows_patch
+from visualizations.incremental.auto import (ENGINES, SwitchOverTuner, choose, input_key,
+                                             windows_patch)
 
 if TYPE_CHECKING:
     import torch
@@ -120,11 +122,19 @@ def occluded_probabilities(model: "LoadedModel", inputs: "torch.Tensor",
 
     failure: list[str] = []
 
+    tuner = SwitchOverTuner(model.module, input_key(inputs, size)) if traced else None
+
     def outputs(start: int, stop: int) -> "torch.Tensor":
-        if traced is not None and cache is not None and not failure:
+        if traced is not None and cache is not None and tuner is not None and not failure:
             patch, top, left = windows_patch(fill, inputs, windows[start:stop], size)
+            share = tuner.share()
             try:
-                return traced.run(cache, patch, top, left)[0]
+                started = time.perf_counter()
+                logits = traced.run(cache, patch, top, left, dense_share=share)[0]
+                if logits.is_cuda:      # time the work, not its queueing
+                    torch.cuda.synchronize(logits.device)
+                tuner.record(share, time.perf_counter() - started, stop - start)
+                return logits
             except Exception as error:  # noqa: BLE001 - never fail a map the dense path can do
                 if is_out_of_memory(error):
                     raise

@@ -20,6 +20,8 @@ from tests.visualizations.models import wrap
 from visualizations import visualization_registry
 from visualizations.base import RunContext
 from visualizations.common import as_model_input, prepare_model
+from visualizations.incremental.auto import (SHARE_CANDIDATES, TRIALS_PER_SHARE, SwitchOverTuner,
+                                             input_key)
 from visualizations.incremental.engine import NotIncremental, TracedModel
 from visualizations.incremental.windows import SlidingAxis, affected_outputs, input_span
 from visualizations.occlusion import fill_image, occluded_probabilities, window_starts
@@ -332,3 +334,25 @@ def test_affected_outputs_cover_every_output_that_reads_a_changed_input(seed: in
             assert 0 <= out_start and out_start + out_len <= out_size
             assert all(out_start <= o < out_start + out_len for o in changed), \
                 (kernel, stride, padding, dilation, length, start, size)
+
+
+def test_the_switch_over_share_is_the_fastest_measured_and_kept_for_the_model() -> None:
+    """Each candidate runs on real batches, interleaved; the fastest per window (best of its
+    trials, so one slow moment does not decide) is kept, and the next map starts with it."""
+    module = nn.Conv2d(3, 3, 1)
+    key = input_key(torch.zeros(1, 3, 8, 8), (2, 2))
+    seconds_per_window = {0.45: [0.03] * 3, 0.6: [0.05, 0.01, 0.05], 0.75: [0.02] * 3,
+                          1.0: [0.04] * 3}
+    tuner = SwitchOverTuner(module, key)
+    tuner.record(tuner.share(), 0.001, 2)     # a short batch (a map's last) is no trial
+    assert tuner.share() == SHARE_CANDIDATES[0]
+    tried = []
+    while tuner.chosen is None:
+        share = tuner.share()
+        tried.append(share)
+        tuner.record(share, seconds_per_window[share].pop(0) * 16, 16)
+    assert sorted(tried) == sorted(SHARE_CANDIDATES * TRIALS_PER_SHARE)
+    assert tried[:len(SHARE_CANDIDATES)] == list(SHARE_CANDIDATES)      # interleaved
+    assert tuner.chosen == 0.6
+    assert SwitchOverTuner(module, key).share() == 0.6
+    assert SwitchOverTuner(module, input_key(torch.zeros(1, 3, 9, 9), (2, 2))).share() == 0.45
