@@ -135,8 +135,11 @@ def test_grid_and_views_fit_load_and_paint_fast_at_every_width(results_page, chr
         page.keyboard.press("Escape")
         assert page.locator(".view.open").count() == 0
     for width, paint in timings:
+        # Chromium does not always report a first-contentful-paint entry (CI once lacked it on a
+        # repeat navigation); the grid's own mark is the one the wait above requires.
+        fcp = "not reported" if paint["fcp"] is None else f"{paint['fcp']:.0f} ms"
         print(f"\nChromium {width}px: first grid paint {paint['grid']:.0f} ms after navigation "
-              f"(first contentful paint {paint['fcp']:.0f} ms, DOMContentLoaded "
+              f"(first contentful paint {fcp}, DOMContentLoaded "
               f"{paint['domContentLoaded']:.0f} ms, HTML {paint['html'] / 1024:.0f} KiB)")
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "results-grid-timings-chromium.json").write_text(json.dumps(timings, indent=1))
