@@ -8,6 +8,9 @@ API::
     GET    /api/v1/timelines/<id>       {"id", "kind", "status", "progress", "model_runs",
                                          "cache_hits", "error", "timeline": <document> | null}
     DELETE /api/v1/timelines/<id>       cancel
+    POST   /timelines/<id>/extend       (a form post; with ``Accept: application/json``, as the
+                                        page's Follow training sends it) -> 202 {"id", "url",
+                                        "api_url"} of the extended timeline, else 303 to its page
     GET    /api/v1/timelines/<id>/frames/<image>/<method>/<panel>/<step>.png
                                         one frame on its strip's shared colour scale
     GET    /api/v1/timelines/<id>/difference/<image>/<method>/<panel>.png?a=<step>&b=<step>
@@ -31,7 +34,7 @@ from flask import (Blueprint, Response, current_app, jsonify, redirect, render_t
                    request, url_for)
 
 from app.errors import BadRequest, ConvscopeError, NotFound
-from app.http_errors import coded_error
+from app.http_errors import coded_error, wants_json
 from app.jobs.record import TERMINAL
 from app.jobs.timeline import CORRECT_FILE
 from app.services import services
@@ -46,6 +49,13 @@ _IMMUTABLE = "private, max-age=31536000, immutable"
 
 def _services():
     return services(current_app)
+
+
+def _created(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """202 with where a new timeline's page and JSON are (the API's answer to a submission)."""
+    api_url = url_for("timelines_api.timeline_json", job_id=job_id)
+    return (jsonify(id=job_id, url=url_for("timelines.timeline", job_id=job_id),
+                    api_url=api_url), 202, {"Location": api_url})
 
 
 def _json_body() -> Any:
@@ -183,9 +193,7 @@ def _flips(svc: Any, job: Any, args: Mapping[str, str]) -> dict[str, Any] | None
 def create_timeline() -> tuple[Response, int, dict[str, str]]:
     svc = _services()
     job = svc.executor.submit(parse_timeline_request(_json_body(), svc))
-    api_url = url_for("timelines_api.timeline_json", job_id=job.id)
-    return (jsonify(id=job.id, url=url_for("timelines.timeline", job_id=job.id),
-                    api_url=api_url), 202, {"Location": api_url})
+    return _created(job.id)
 
 
 @timelines_api.get("/timelines/<job_id>")
@@ -276,9 +284,10 @@ def submit_timeline() -> Response | tuple[str, int]:
 
 
 @timelines.post("/timelines/<job_id>/extend")
-def extend(job_id: str) -> Response | tuple[str, int]:
+def extend(job_id: str) -> Response | tuple[Response, int, dict[str, str]]:
     """The same timeline over the checkpoints listed now (new ones from a running training):
-    every checkpoint computed before comes from the store."""
+    every checkpoint computed before comes from the store. The page's Follow training posts
+    this form asking for JSON and stays where it is; a plain form post goes to the new page."""
     svc = _services()
     job = timeline_job(svc, job_id)
     spec = job.spec
@@ -289,6 +298,8 @@ def extend(job_id: str) -> Response | tuple[str, int]:
     if spec.dataset_id:
         payload["dataset"] = spec.dataset_id
     created = svc.executor.submit(parse_timeline_request(payload, svc))
+    if wants_json():
+        return _created(created.id)
     return redirect(url_for("timelines.timeline", job_id=created.id), code=303)
 
 
@@ -341,7 +352,8 @@ def timeline_page(job_id: str) -> str:
         sections = page_sections(view, svc, request.args,
                                  flips=_flips(svc, job, request.args))
     return render_template("pages/timeline.html", timeline=view, sections=sections,
-                           finished=view["status"] in TERMINAL)
+                           finished=view["status"] in TERMINAL,
+                           follow=request.args.get("follow") == "1")
 
 
 __all__ = ["timelines", "timelines_api", "timeline_view"]

@@ -292,3 +292,53 @@ def test_the_timeline_form_runs_a_timeline(make_app) -> None:
     html = client.get(f"/timelines/{job_id}").get_data(as_text=True)
     # Five frames in the strip, and checkpoints A and B in the compare view.
     assert html.count("/frames/0/0/0/") == 5 + 2 and "Compare two checkpoints" in html
+
+
+def test_extend_answers_the_page_script_in_json_and_a_form_with_a_redirect(make_app) -> None:
+    """Follow training posts the Extend form asking for JSON and stays on the page: 202 with the
+    extended timeline's addresses. A plain form post (no script) still goes to the new page."""
+    client = make_app().test_client()
+    ids = [image["id"] for image in upload(client, (_png("red", "yellow", 1), "orange.png"))]
+    view = _submit(client, ids)
+    page = client.get(f"/timelines/{view['id']}")
+    html = page.get_data(as_text=True)
+    assert 'id="follow-training"' in html and 'id="follow-training" checked' not in html
+    assert 'id="follow-training" checked' in client.get(
+        f"/timelines/{view['id']}?follow=1").get_data(as_text=True)
+    token = csrf_from(page.data)
+    as_json = {"Accept": "application/json"}
+
+    response = client.post(f"/timelines/{view['id']}/extend", data={"csrf_token": token},
+                           headers=as_json)
+    assert response.status_code == 202, response.get_data(as_text=True)[:300]
+    assert set(response.json) == {"id", "url", "api_url"}
+    new_id = response.json["id"]
+    assert new_id != view["id"]
+    assert response.json["url"] == f"/timelines/{new_id}"
+    assert response.json["api_url"] == f"/api/v1/timelines/{new_id}"
+    assert response.headers["Location"].endswith(response.json["api_url"])
+    extended = wait_timeline(client, new_id)
+    # The same checkpoints again: everything comes from the store.
+    assert extended["status"] == "done" and extended["model_runs"] == 0
+    assert extended["timeline"]["images"] == view["timeline"]["images"]
+
+    response = client.post(f"/timelines/{view['id']}/extend", data={"csrf_token": token})
+    assert response.status_code == 303
+    redirected_id = response.headers["Location"].rsplit("/", 1)[-1]
+    assert response.headers["Location"].endswith(f"/timelines/{redirected_id}")
+    assert redirected_id not in (view["id"], new_id)
+    assert wait_timeline(client, redirected_id)["status"] == "done"
+
+    # Errors in the usual shape, JSON for a client asking for JSON.
+    missing = client.post("/timelines/" + "0" * 32 + "/extend", data={"csrf_token": token},
+                          headers=as_json)
+    assert missing.status_code == 404 and missing.json["error"]["code"] == "E_NOT_FOUND"
+    job = client.post("/api/v1/jobs", json={"model": "latest", "images": ids,
+                                            "visualizations": [{"name": "grad_cam"}]}).json
+    not_a_timeline = client.post(f"/timelines/{job['id']}/extend",
+                                 data={"csrf_token": token}, headers=as_json)
+    assert not_a_timeline.status_code == 404
+    assert not_a_timeline.json["error"]["code"] == "E_NOT_FOUND"
+    forged = client.post(f"/timelines/{view['id']}/extend", data={"csrf_token": "forged"},
+                         headers=as_json)
+    assert forged.status_code == 403 and forged.json["error"]["code"] == "E_FORBIDDEN"
