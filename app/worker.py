@@ -78,9 +78,17 @@ class Worker:
 
     def run(self, job_id: str) -> None:
         """Run one delivered job, unless another worker runs it or it has ended."""
-        if not isinstance(job_id, str) or not self.claims.claim(job_id, self.id):
-            log.info("job %s is run by another worker; this delivery is dropped",
-                     str(job_id)[:8])
+        if not isinstance(job_id, str):
+            return
+        try:
+            claimed = self.claims.claim(job_id, self.id)
+        except redis_errors():
+            # Redis flickered: run the job rather than lose it (results are idempotent by
+            # content address). A task must never raise a connection error: Celery's solo
+            # consumer then stops taking tasks after a Redis restart.
+            claimed = True
+        if not claimed:
+            log.info("job %s is run by another worker; this delivery is dropped", job_id[:8])
             return
         try:
             job = self._take(job_id)
@@ -97,7 +105,27 @@ class Worker:
                 self.services.jobs.forget(job)
                 release_free_memory()
         finally:
-            self.claims.release(job_id, self.id)
+            self._wait_for_redis()
+            try:
+                self.claims.release(job_id, self.id)
+            except redis_errors():
+                pass            # Redis went again: the claim expires by itself
+
+    def _wait_for_redis(self) -> None:
+        """Return from a task only while Redis answers: Celery acknowledges the task then, and
+        a failed acknowledgement leaves its solo consumer taking no more tasks after Redis is
+        back (measured with Celery 5.7 and kombu's Redis transport)."""
+        warned = False
+        while not self.stopping.is_set():
+            try:
+                self.redis.ping()
+                return
+            except redis_errors():
+                if not warned:
+                    log.warning("Redis unreachable: the job's end is acknowledged once it is "
+                                "back")
+                    warned = True
+                self.stopping.wait(1.0)
 
     def _take(self, job_id: str) -> Any:
         """The job to run now, recorded as this worker's; None when there is nothing to run."""
@@ -240,7 +268,7 @@ def worker_command(args: argparse.Namespace) -> int:
     except ConvscopeError as error:
         log.error("%s", error.message)
         return 2
-    pool = ["--pool=solo"] if args.concurrency == 1 else \
+    pool = ["--pool=solo", "--concurrency=1"] if args.concurrency == 1 else \
         ["--pool=threads", f"--concurrency={args.concurrency}"]
     log.info("convscope worker %s on %s, taking jobs from %s", worker.id,
              worker.services.device, QUEUE)
