@@ -134,21 +134,12 @@ class ModelCatalog:
 
     def get(self, entry_id: str) -> CatalogEntry:
         """The entry with this id, or the latest loadable one for ``"latest"``."""
-        for entry in self.entries():
-            if (entry_id == LATEST and entry.latest) or entry.id == entry_id:
-                return entry
-        if entry_id == LATEST:
-            raise UnknownModel("No checkpoint in the directory has loaded successfully.")
-        raise UnknownModel(f"Unknown model {str(entry_id)[:40]!r}.",
-                           fields={"model": "an id from the model list, or 'latest'"})
+        return find_entry(self.entries(), entry_id)
 
     def in_training_order(self) -> list[CatalogEntry]:
         """All settled checkpoints, first-trained first (``app.checkpoint_order``); files that
         failed to load keep their place by name or time."""
-        return in_training_order(
-            self.entries(),
-            lambda entry: entry.progress or training_progress(entry.file, entry.modified),
-            lambda entry: entry.file)
+        return entries_in_training_order(self.entries())
 
     def load(self, entry_id: str, *, remember: bool = True) -> LoadedModel:
         """The loaded model for an entry (cached; reloaded from disk after LRU eviction).
@@ -357,6 +348,23 @@ class ModelCatalog:
             self._models.move_to_end(key)
             while len(self._models) > self.max_loaded:
                 self._models.popitem(last=False)
+
+
+def find_entry(entries: list[CatalogEntry], entry_id: str) -> CatalogEntry:
+    """The entry with this id, or the latest loadable one for ``"latest"``."""
+    for entry in entries:
+        if (entry_id == LATEST and entry.latest) or entry.id == entry_id:
+            return entry
+    if entry_id == LATEST:
+        raise UnknownModel("No checkpoint in the directory has loaded successfully.")
+    raise UnknownModel(f"Unknown model {str(entry_id)[:40]!r}.",
+                       fields={"model": "an id from the model list, or 'latest'"})
+
+
+def entries_in_training_order(entries: list[CatalogEntry]) -> list[CatalogEntry]:
+    return in_training_order(
+        entries, lambda entry: entry.progress or training_progress(entry.file, entry.modified),
+        lambda entry: entry.file)
 
 
 def checkpoint_files(directory: Path, config: CheckpointConfig | None) -> list[tuple[Path, str]]:

@@ -1,5 +1,5 @@
-"""The ``convscope`` console script: ``serve``, ``check``, ``visualize``, ``evaluate``,
-``timeline`` and ``sanity``.
+"""The ``convscope`` console script: ``serve``, ``worker``, ``check``, ``visualize``,
+``evaluate``, ``timeline`` and ``sanity``.
 
 This module only parses arguments and dispatches; each command lives in its own module.
 No DIR means the bundled demo.
@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--out", required=True, metavar="OUTDIR", help="output folder")
     timeline.add_argument("--json", action="store_true", help="print timeline.json to stdout")
 
+    worker = commands.add_parser("worker", help="run jobs from Redis (CONVSCOPE_BROKER_URL) "
+                                                "on one device, as a Celery worker")
+    _add_model_options(worker)
+    worker.add_argument("--data-dir", default=None,
+                        help="the data directory the web processes share (env "
+                             "CONVSCOPE_DATA_DIR)")
+    worker.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="jobs at once (default 1: the solo pool, one job per device; more "
+                             "run as threads on the same device)")
+    worker.add_argument("--loglevel", default="INFO", help="Celery's log level (default INFO)")
+
     from app.sanity_cli import add_parser as add_sanity_parser
 
     sanity = add_sanity_parser(commands)
@@ -141,6 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from app.serve import serve_command
 
         return serve_command(args)
+    if args.command == "worker":
+        from app.worker import worker_command
+
+        return worker_command(args)
     if args.command == "check":
         from app.check import check_command
 

@@ -103,6 +103,10 @@ DeviceUnavailable = _error("DeviceUnavailable", "E_DEVICE_UNAVAILABLE", 500,
                            "The requested device is not available.")
 Cancelled = _error("Cancelled", "E_CANCELLED", 409, "The job was cancelled.")
 Busy = _error("Busy", "E_BUSY", 503, "The server is busy; try again shortly.")
+BrokerUnavailable = _error("BrokerUnavailable", "E_BROKER_UNAVAILABLE", 503,
+                           "The job queue (Redis) cannot be reached; try again shortly.")
+WorkerLost = _error("WorkerLost", "E_WORKER_LOST", 500,
+                    "The workers running this job were lost three times; it was given up.")
 NotReady = _error("NotReady", "E_NOT_READY", 503, "The server is not ready; try again shortly.")
 StorageFull = _error("StorageFull", "E_STORAGE_FULL", 507, "The server's storage is full.")
 ResultExpired = _error("ResultExpired", "E_RESULT_EXPIRED", 410,

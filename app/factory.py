@@ -66,6 +66,16 @@ def _warn_about_deployment(settings: Settings) -> None:
 
 
 def init_services(app: Flask, settings: Settings, *, catalog: Any = None) -> None:
+    """Services and the job backend: the embedded executor, or with ``CONVSCOPE_BROKER_URL``
+    Celery workers (``app.jobs.broker``), in which case this process never loads a model."""
+    if settings.broker_url:
+        from app.jobs.broker import BrokerBackend
+
+        services = build_services(settings, catalog=catalog, web_only=True)
+        backend = BrokerBackend(services)
+        services.executor = backend
+        app.extensions[EXTENSION] = services
+        return
     services = build_services(settings, catalog=catalog)
     executor = Executor(services)
     services.executor = executor

@@ -55,16 +55,24 @@ class Services:
             self.executor.shutdown(timeout)
 
 
-def build_services(settings: Settings, *, catalog: Any = None) -> Services:
-    """Resolve the device (DeviceUnavailable here, at startup), open the catalog and stores."""
+def build_services(settings: Settings, *, catalog: Any = None,
+                   web_only: bool = False) -> Services:
+    """Resolve the device (DeviceUnavailable here, at startup), open the catalog and stores.
+
+    ``web_only``: a web process whose jobs run on workers (broker mode) -- it never touches a
+    device and reads the checkpoint listing the workers publish (``app.published_catalog``)."""
+    import torch
+
     from app.devices import configure_threads, resolve_device
     from app.jobs.kinds import spec_from_record
+    from app.published_catalog import PublishedCatalog
     from visualizations import visualization_registry
 
     configure_threads()
-    device = resolve_device(settings.device)
+    device = torch.device("cpu") if web_only else resolve_device(settings.device)
     if catalog is None:
-        catalog = _build_catalog(settings, device)
+        catalog = (PublishedCatalog(settings.data_dir) if web_only
+                   else _build_catalog(settings, device))
     data = settings.data_dir
     return Services(settings, device, catalog, visualization_registry,
                     ImageStore(data / "images"), ResultStore(data / "results"),

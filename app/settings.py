@@ -117,6 +117,15 @@ class Settings:
         "help": "comma-separated host names the server answers to ('.example.com' matches "
                 "subdomains, '*' any); IP addresses always work; other Host headers get "
                 "400 E_BAD_HOST (DNS rebinding)"})
+    broker_url: str = field(default="", metadata={
+        "help": "Redis URL (redis://host:6379/0, rediss://, unix://): jobs run on "
+                "`convscope worker` processes over Celery instead of in the web process, which "
+                "then never loads a model; every web process and worker must share "
+                "CONVSCOPE_DATA_DIR (default: none, the embedded executor)"})
+    broker_visibility_timeout_s: int = field(default=7200, metadata={
+        "help": "seconds Redis keeps a task a worker took but did not acknowledge before "
+                "handing it out again; above the longest job (a dead worker's job is re-sent "
+                "within seconds anyway, through its expired claim)", "min": 60})
     debug: bool = field(default=False, metadata={
         "help": "Flask debug mode for convscope serve; refused on a non-loopback address "
                 "and in production"})
@@ -244,6 +253,7 @@ def _validated(settings: Settings) -> Settings:
         raise ConfigInvalid("The data directory cannot be created or is not writable.",
                             fields={env_name("data_dir"): "a writable directory"}) from None
     settings = _with_auth_token(settings)
+    _check_broker_url(settings)
     _check_production(settings)
     if not settings.secret_key:
         # Random per process: CSRF tokens and sessions do not survive a restart or span workers.
@@ -252,6 +262,15 @@ def _validated(settings: Settings) -> Settings:
 
 
 MIN_SECRET_LENGTH = 16
+BROKER_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _check_broker_url(settings: Settings) -> None:
+    url = settings.broker_url.strip()
+    if url and not url.startswith(BROKER_SCHEMES):
+        raise ConfigInvalid("CONVSCOPE_BROKER_URL must be a Redis URL (redis://host:6379/0, "
+                            "rediss://... or unix:///path/redis.sock).",
+                            fields={env_name("broker_url"): "a redis:// URL"})
 
 
 def _with_auth_token(settings: Settings) -> Settings:

@@ -25,6 +25,10 @@ cold page cache it grows for a while without any leak.
 rest returns to within 15 % of its level after the warm-up after each of them (every method at
 its defaults, faithfulness scores included).
 
+``--broker N`` runs the same traffic against broker mode: a redis-server, N ``convscope worker``
+processes and two gunicorn web processes (benchmarks/cluster.py); the memory judged is then the
+workers'.
+
 ``--quick`` (the test suite) is 4 clients x 15 s of the cheap mix: plain gradients instead of
 SmoothGrad and no faithfulness scores, so that it tests the service, not the arithmetic.
 """
@@ -52,6 +56,8 @@ from typing import Any, Iterator
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:       # run as a script: benchmarks.cluster for --broker
+    sys.path.insert(0, str(ROOT))
 TERMINAL = ("done", "failed", "cancelled")
 
 
@@ -144,6 +150,38 @@ def gunicorn_server(env: dict[str, str] | None = None, *, data_dir: Path | None 
             yield server
         finally:
             server.stop()
+
+
+@dataclass
+class BrokerDeployment:
+    """Broker mode (benchmarks/cluster.py) seen as one server: requests go to the web
+    processes, memory is read from the ``convscope worker`` processes, which run the jobs."""
+
+    cluster: Any
+    base_url: str
+
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in self.cluster.workers if worker.alive]
+
+    def log(self) -> str:
+        from benchmarks.cluster import iter_logs
+
+        return "\n".join(iter_logs(self.cluster))
+
+
+@contextlib.contextmanager
+def broker_deployment(workers: int, env: dict[str, str]) -> Iterator[BrokerDeployment]:
+    from benchmarks.cluster import Cluster
+
+    with tempfile.TemporaryDirectory(prefix="convscope-broker-") as root, \
+            Cluster(Path(root), env=env) as cluster:
+        cluster.start_redis()
+        for _ in range(workers):
+            cluster.start_worker(wait=False)
+        for worker in cluster.workers:
+            worker.wait_for_log("ready.", 180)
+        web = cluster.start_web(env={"CONVSCOPE_WORKERS": "2"})
+        yield BrokerDeployment(cluster, web.base_url)
 
 
 MEMORY_FIELDS = ("RssAnon", "RssFile")
@@ -554,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     parser.add_argument("--checkpoint-dir", default=None, help="default: the bundled demo")
     parser.add_argument("--server-log", default=None, help="copy gunicorn's log here")
+    parser.add_argument("--broker", type=int, default=0, metavar="N",
+                        help="broker mode: a redis-server, N `convscope worker` processes and "
+                             "two gunicorn web processes sharing the data directory; memory is "
+                             "judged on the workers")
     parser.add_argument("--gunicorn-args", default="",
                         help="extra gunicorn arguments after the config file, e.g. to compare "
                              "\"--worker-class gthread --threads 8 app:create_app()\"")
@@ -565,9 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         mix = [(name, {}, 1) for name in args.methods.split(",")]
     env = {"CONVSCOPE_CHECKPOINT_DIR": args.checkpoint_dir} if args.checkpoint_dir else {}
     started = time.monotonic()
-    with gunicorn_server(env, extra_args=shlex.split(args.gunicorn_args)) as server:
-        print(f"gunicorn ready at {server.base_url} in {time.monotonic() - started:.1f} s "
-              f"(master {server.master_pid}, workers {server.worker_pids()})", flush=True)
+    deployment = (broker_deployment(args.broker, env) if args.broker else
+                  gunicorn_server(env, extra_args=shlex.split(args.gunicorn_args)))
+    with deployment as server:
+        print(f"ready at {server.base_url} in {time.monotonic() - started:.1f} s "
+              f"(workers {server.worker_pids()})", flush=True)
         if args.per_method:
             methods = args.methods.split(",") if args.methods else list(PER_METHOD_DEFAULT)
             return 0 if run_per_method(server, methods) else 1

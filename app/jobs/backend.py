@@ -6,7 +6,7 @@ are.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.jobs.record import Job
 from app.jobs.spec import JobSpec
@@ -24,6 +24,10 @@ class JobBackend(Protocol):
 
     def queued(self) -> int:
         """Jobs waiting to run."""
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Live workers: ``{"id", "host", "pid", "device", "concurrency", "running": [{"id",
+        "kind"}], "seen"}`` each (this process alone for the embedded executor)."""
 
     def wait_for_catalog(self, timeout: float) -> bool:
         """Whether the checkpoint directory has been scanned (waiting up to ``timeout`` s)."""

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from app.decode_budget import release_free_memory
 from app.errors import Busy, Cancelled
@@ -156,6 +156,16 @@ class Executor:
     def queued(self) -> int:
         with self._lock:
             return len(self._waiting)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """This process is the one worker: its device and the jobs it runs."""
+        import os
+        import socket
+
+        running = [{"id": r.job.id, "kind": r.job.kind} for r in list(self._running)]
+        return [{"id": "in-process", "host": socket.gethostname(), "pid": os.getpid(),
+                 "device": str(getattr(self.catalog, "device", "cpu")), "concurrency": 1,
+                 "running": running, "seen": time.time()}]
 
     def _unqueue(self, job: Job) -> None:
         """A job cancelled before it started: out of the queue and out of memory, recorded."""

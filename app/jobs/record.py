@@ -79,7 +79,14 @@ def _start_time(pid: int) -> str:
         return "?"
 
 
+# The owner of a job run by Celery workers (``app.jobs.broker``): no single process holds it,
+# and a lost worker's job is sent again rather than shown as cancelled.
+BROKER_OWNER = "broker"
+
+
 def owner_alive(token: str) -> bool:
+    if token == BROKER_OWNER:
+        return True
     pid_text, _, started = token.partition(":")
     try:
         pid = int(pid_text)
@@ -124,6 +131,8 @@ class Job:
         self.model_runs = 0
         self.cache_hits = 0
         self.owner = process_token()
+        self.worker: dict[str, Any] | None = None     # {"host", "pid", "device"} on a worker
+        self.deliveries = 0                           # times a worker started it
         self.cancel_event = threading.Event()
         self.lock = threading.RLock()
 
@@ -134,6 +143,12 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def running_worker(self) -> dict[str, Any] | None:
+        """The worker running the job now (None while queued, when finished or in-process)."""
+        with self.lock:
+            return self.worker if self.status == RUNNING else None
 
     @property
     def progress(self) -> float:
@@ -163,6 +178,7 @@ class Job:
                     "created": self.created, "started": self.started, "finished": self.finished,
                     "progress": self.progress, "model_runs": self.model_runs,
                     "cache_hits": self.cache_hits, "owner": self.owner,
+                    "worker": self.worker, "deliveries": self.deliveries,
                     "fraction": self.fraction, "outcome_key": self.outcome_key,
                     "spec": self.spec.to_dict(),
                     "items": [dataclasses.asdict(item) for item in self.items],
@@ -177,6 +193,8 @@ class Job:
         job.started, job.finished = record["started"], record["finished"]
         job.model_runs, job.cache_hits = record["model_runs"], record["cache_hits"]
         job.owner = record.get("owner", "")
+        job.worker = record.get("worker")
+        job.deliveries = int(record.get("deliveries", 0))
         job.fraction = float(record.get("fraction", 0.0))
         job.outcome_key = record.get("outcome_key")
         job.items = [JobItem(**item) for item in record["items"]]

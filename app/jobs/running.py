@@ -58,15 +58,18 @@ def finish_job(services: "JobResources", job: Job, error: BaseException | None, 
              job.model_runs, job.cache_hits)
 
 
-def run_job(services: "JobResources", job: Job, *, stopping: Callable[[], bool]) -> None:
+def run_job(services: "JobResources", job: Job, *, stopping: Callable[[], bool],
+            after_step: Callable[[], None] | None = None) -> None:
     """Run ``job`` from start to a recorded end in one go (``stopping``: whether this process
-    is shutting down, which cancels the job at its next check)."""
+    is shutting down, which cancels the job at its next check; ``after_step`` runs after each
+    of its steps)."""
     if not start_job(services, job):
         return
     error: BaseException | None = None
     try:
         for _ in make_run(services, job, stopping=stopping).steps():
-            pass
+            if after_step is not None:
+                after_step()
     except Exception as raised:  # noqa: BLE001 -- recorded by finish_job
         error = raised
     finish_job(services, job, error, stopping=stopping)

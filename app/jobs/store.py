@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from app.errors import Cancelled, NotFound, ResultExpired
-from app.jobs.record import CANCELLED, Job, Spec, owner_alive
+from app.jobs.record import CANCELLED, QUEUED, RUNNING, Job, Spec, owner_alive
 from app.stores import DirectoryIndex, Tombstones, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,21 @@ class JobStore:
             except OSError:
                 pass
         return removed
+
+    def unfinished_ids(self, owner: str) -> list[str]:
+        """Ids of recorded jobs of ``owner`` that are queued or running (read from disk)."""
+        found = []
+        with os.scandir(self.root) as entries:
+            names = [entry.name for entry in entries if entry.name.endswith(".json")]
+        for name in names:
+            try:
+                record = json.loads((self.root / name).read_text("utf-8"))
+            except (OSError, ValueError):
+                continue
+            if (isinstance(record, dict) and record.get("owner") == owner
+                    and record.get("status") in (QUEUED, RUNNING)):
+                found.append(record["id"])
+        return found
 
     def get(self, job_id: str) -> Job:
         """The job with this id: live, or read from its record (not found -> NotFound)."""

@@ -54,7 +54,15 @@ def ready() -> Response:
                        headers={"Retry-After": "1"})
     if not _open_to_everyone():
         return jsonify(status="ready")
-    return jsonify(status="ready", queued=executor.queued())
+    return jsonify(status="ready", queued=executor.queued(), workers=executor.workers())
+
+
+@api.get("/workers")
+def workers() -> Response:
+    """Live workers (authenticated like the rest): the embedded executor is one; in broker mode
+    every ``convscope worker`` that announced itself in the last few seconds."""
+    executor = _services().executor
+    return jsonify(workers=executor.workers(), queued=executor.queued())
 
 
 @api.get("/models")

@@ -47,6 +47,7 @@ def evaluation_view(job: "Job", services: "Services", *, images: bool = True) ->
         "created": record["created"], "started": record["started"],
         "finished": record["finished"], "model_runs": record["model_runs"],
         "cache_hits": record["cache_hits"], "expired": False,
+        "worker": job.running_worker,
         "model": {"id": spec.model_id, "file": spec.model_file,
                   "sha256": spec.checkpoint_sha256},
         "dataset": {"id": spec.dataset_id, "name": spec.dataset_name}}

@@ -236,9 +236,10 @@ def cancel_job(job_id: str) -> Response:
 
 
 @pages.get("/models")
-def models() -> str:
-    entries = _services().scanned_catalog().entries()
-    return render_template("pages/models.html", models=[model_detail(e) for e in entries])
+def models() -> tuple[str, int]:
+    from app.views.sanity import render_models
+
+    return render_models()
 
 
 @pages.get("/legend.css")

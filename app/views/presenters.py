@@ -131,7 +131,8 @@ def job_view(job: "Job", services: "Services") -> dict[str, Any]:
                       "sha256": spec.checkpoint_sha256},
             "methods": [{"name": m.name, "title": _title(registry, m.name)} for m in spec.methods],
             "targets": list(spec.targets), "model_runs": record["model_runs"],
-            "cache_hits": record["cache_hits"], "results": results}
+            "cache_hits": record["cache_hits"], "worker": job.running_worker,
+            "results": results}
 
 
 def _sanity_links(services: "Services", spec: Any) -> list[dict[str, Any] | None]:

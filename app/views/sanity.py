@@ -148,6 +148,7 @@ def sanity_view(job: "Job", svc: "Services") -> dict[str, Any]:
         "created": record["created"], "started": record["started"],
         "finished": record["finished"], "model_runs": record["model_runs"],
         "cache_hits": record["cache_hits"], "expired": False,
+        "worker": job.running_worker,
         "model": {"id": spec.model_id, "file": spec.model_file,
                   "sha256": spec.checkpoint_sha256},
         "method": spec.method.name, "params": dict(spec.method.params),
@@ -216,9 +217,10 @@ def cancel_check(job_id: str) -> Response:
 
 def render_models(error: ConvscopeError | None = None, status: int = 200) -> tuple[str, int]:
     """``/models`` again, with ``error`` shown (a refused sanity check)."""
-    entries = _services().scanned_catalog().entries()
+    svc = _services()
+    entries = svc.scanned_catalog().entries()
     return render_template("pages/models.html", models=[model_detail(e) for e in entries],
-                           error=error), status
+                           workers=svc.executor.workers(), error=error), status
 
 
 def sanity_methods(model_id: str) -> list[dict[str, Any]]:

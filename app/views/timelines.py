@@ -78,6 +78,7 @@ def timeline_view(job: Any, svc: Any) -> dict[str, Any]:
     return {"id": record["id"], "kind": record["kind"], "status": record["status"],
             "progress": record["progress"], "model_runs": record["model_runs"],
             "cache_hits": record["cache_hits"], "error": record["error"],
+            "worker": job.running_worker,
             "created": record["created"], "finished": record["finished"],
             "checkpoints": [{k: c[k] for k in ("model_id", "file", "epoch", "step", "order_by")}
                             for c in record["spec"]["checkpoints"]],

@@ -277,3 +277,26 @@ def test_the_master_loads_no_torch_flask_or_app_code():
                                                         "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-1000:]
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_compose_file_runs_broker_mode_with_a_worker_per_gpu():
+    """deploy/compose.yaml (README, "Scaling out"): every convscope service shares the broker,
+    the data volume and the token secret; the web service never touches a GPU; each worker owns
+    one reserved GPU and runs `convscope worker`; Redis keeps its queue on a volume."""
+    compose = (ROOT / "deploy" / "compose.yaml").read_text()
+    services = re.split(r"\n  (?=[\w-]+:\n)", compose.split("\nservices:\n", 1)[1]
+                        .split("\nvolumes:\n", 1)[0])
+    by_name = {block.split(":", 1)[0].strip(): block for block in services}
+    assert set(by_name) == {"redis", "web", "worker-gpu0", "worker-gpu1"}
+    anchor = compose.split("x-convscope:", 1)[1].split("\nservices:", 1)[0]
+    for needed in ("CONVSCOPE_BROKER_URL: redis://redis:6379/0", "CONVSCOPE_DATA_DIR: /data",
+                   "convscope-data:/data", "/checkpoints:ro",
+                   "CONVSCOPE_AUTH_TOKEN_FILE: /run/secrets/convscope_auth_token"):
+        assert needed in anchor, needed
+    assert "CONVSCOPE_DEVICE: cpu" in by_name["web"] and "deploy:" not in by_name["web"]
+    for gpu in ("0", "1"):
+        worker = by_name[f"worker-gpu{gpu}"]
+        assert '["convscope", "worker", "--device", "cuda:0"]' in worker
+        assert f'device_ids: ["{gpu}"]' in worker and "driver: nvidia" in worker
+    assert "appendonly" in by_name["redis"] and "redis-data:/data" in by_name["redis"]
+    assert "file: ./auth_token.txt" in compose
