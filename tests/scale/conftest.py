@@ -22,6 +22,9 @@ WORKERS = 2
 # cancel its worker mid-job.
 LONG_OCCLUSION = [{"name": "occlusion", "params": {"window": 16, "stride": 6,
                                                    "engine": "dense"}}]
+# Long enough to kill its worker at 5 % and shorter to run again on the survivor (729 windows).
+KILLED_OCCLUSION = [{"name": "occlusion", "params": {"window": 16, "stride": 8,
+                                                     "engine": "dense"}}]
 QUICK = [{"name": "grad_cam"}]
 WEB_QUEUE_SIZE = 4      # the second web process's queue limit (the first keeps the default)
 

@@ -32,7 +32,9 @@ def _trained_linear_model() -> nn.Module:
     for image, label in zip(images, labels):
         columns = {0: slice(0, 3), 1: slice(5, 8), 2: slice(3, 5)}[int(label)]
         image[:, :, columns] += 0.25
-    model = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 3))
+    with torch.random.fork_rng():       # the same initial weights whatever ran before
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     normalized = (images - 0.5) / 0.5
     for _ in range(200):
@@ -157,7 +159,11 @@ def test_the_method_records_epsilon_and_the_new_class_on_every_panel(linear) -> 
     records = [panel_record(n, panel, view, files) for n, panel in enumerate(result.panels)]
     bound = _closed_form_budget(module, _pixels(2), 2, None)
     for record in records:
-        assert bound - 1e-4 <= record["epsilon"] <= bound + 64 / 8 ** 3 + 1e-4
+        # As in the untargeted test: never below the smallest budget, at most the resolution
+        # above the budget towards the class it flipped to (a nearly tied rival may win).
+        towards_found = _closed_form_budget(module, _pixels(2), 2,
+                                            NAMES.index(record["new_class"]["label"]))
+        assert bound - 1e-4 <= record["epsilon"] <= towards_found + 64 / 8 ** 3 + 1e-4
         assert record["new_class"]["label"] in ("left", "right")
         assert 0.0 <= record["new_class"]["probability"] <= 1.0
     heatmap = result.panels[0].values
