@@ -273,8 +273,9 @@ def worker_command(args: argparse.Namespace) -> int:
     log.info("convscope worker %s on %s, taking jobs from %s", worker.id,
              worker.services.device, QUEUE)
     try:
-        worker.celery.worker_main(["worker", *pool, "-Q", QUEUE, "-n", f"convscope-{os.getpid()}@{worker.host}",
-                                   "--without-gossip", "--without-mingle", "--without-heartbeat",
+        node = f"convscope-{os.getpid()}@{worker.host}"
+        worker.celery.worker_main(["worker", *pool, "-Q", QUEUE, "-n", node, "--without-gossip",
+                                   "--without-mingle", "--without-heartbeat",
                                    f"--loglevel={args.loglevel}"])
     finally:
         worker.stop()
