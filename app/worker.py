@@ -65,6 +65,7 @@ class Worker:
         self._running: dict[str, Any] = {}      # job id -> Job, while this worker runs it
         self._lock = threading.Lock()
         self._requeue_at: float | None = None   # when to send unfinished jobs again
+        self._published: list[Any] | None = None   # the catalog entries last written
         self._thread: threading.Thread | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -215,9 +216,15 @@ class Worker:
         self.celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
 
     def _publish_catalog(self) -> None:
+        """Rescan; write the listing only when an entry came, went or changed, not every tick
+        (entries are frozen and keep their metadata objects between scans: comparing is cheap,
+        serializing hundreds of class names per checkpoint is not)."""
         catalog = self.services.catalog
         catalog.refresh()
-        publish_catalog(catalog.entries(), self.settings.data_dir)
+        entries = catalog.entries()
+        if entries != self._published:
+            publish_catalog(entries, self.settings.data_dir)
+            self._published = entries
 
     def _maintain_store(self) -> None:
         if not self.retention.due():
@@ -263,8 +270,7 @@ def worker_command(args: argparse.Namespace) -> int:
         return 2
     try:
         worker = build_worker(settings_from_args(args), args.concurrency)
-        worker.services.catalog.entries()       # the first scan, before taking jobs
-        worker.start()
+        worker.start()          # its first tick scans and publishes, before taking jobs
     except ConvscopeError as error:
         log.error("%s", error.message)
         return 2

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import MALLOC_SETTINGS, GunicornServer, free_port  # noqa: E402
+from benchmarks.load import (MALLOC_SETTINGS, GunicornServer, free_port,  # noqa: E402
+                             terminate)
 
 
 def redis_server_path() -> str | None:
@@ -59,13 +60,7 @@ class Process:
         self.popen.wait()
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.alive:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        terminate(self.popen, timeout)
 
     def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -158,14 +153,19 @@ class Cluster:
             process.wait_for_log("ready.", timeout)     # Celery: "celery@... ready."
         return process
 
+    def start_workers(self, count: int, timeout: float = 180.0) -> list[Process]:
+        """``count`` workers started together (each loads the model), once all are ready."""
+        started = [self.start_worker(wait=False) for _ in range(count)]
+        for worker in started:
+            worker.wait_for_log("ready.", timeout)
+        return started
+
     def start_web(self, *, env: dict[str, str] | None = None,
                   timeout: float = 120.0) -> GunicornServer:
         """A gunicorn web process in broker mode (ready once a worker has published the
         checkpoint listing)."""
         from benchmarks.load import gunicorn_server
 
-        web_dir = self.root / f"web-{len(self.webs) + 1}"
-        web_dir.mkdir(exist_ok=True)
         server = self._stack.enter_context(gunicorn_server(
             {**self.common_env(), "CONVSCOPE_WORKERS": "1", **(env or {})},
             data_dir=self.data_dir, ready_timeout=timeout))

@@ -106,14 +106,19 @@ class GunicornServer:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as a container stop does; SIGKILL if it overstays ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout)
+
+
+def terminate(process: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL if the process overstays ``timeout``; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 @contextlib.contextmanager
@@ -176,10 +181,7 @@ def broker_deployment(workers: int, env: dict[str, str]) -> Iterator[BrokerDeplo
     with tempfile.TemporaryDirectory(prefix="convscope-broker-") as root, \
             Cluster(Path(root), env=env) as cluster:
         cluster.start_redis()
-        for _ in range(workers):
-            cluster.start_worker(wait=False)
-        for worker in cluster.workers:
-            worker.wait_for_log("ready.", 180)
+        cluster.start_workers(workers)
         web = cluster.start_web(env={"CONVSCOPE_WORKERS": "2"})
         yield BrokerDeployment(cluster, web.base_url)
 

@@ -81,10 +81,7 @@ def latency_ms(base_url: str) -> float:
 def start_cluster(stack: contextlib.ExitStack, root: Path, workers: int) -> str:
     cluster = stack.enter_context(Cluster(root, env=COMMON_ENV))
     cluster.start_redis()
-    for _ in range(workers):
-        cluster.start_worker(wait=False)
-    for worker in cluster.workers:
-        worker.wait_for_log("ready.", 180)
+    cluster.start_workers(workers)
     return cluster.start_web().base_url
 
 

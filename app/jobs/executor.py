@@ -15,6 +15,8 @@ not do) and keeps the data directory within its time-to-live and quota (``app.re
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -159,9 +161,6 @@ class Executor:
 
     def workers(self) -> list[dict[str, Any]]:
         """This process is the one worker: its device and the jobs it runs."""
-        import os
-        import socket
-
         running = [{"id": r.job.id, "kind": r.job.kind} for r in list(self._running)]
         return [{"id": "in-process", "host": socket.gethostname(), "pid": os.getpid(),
                  "device": str(getattr(self.catalog, "device", "cpu")), "concurrency": 1,

@@ -59,18 +59,25 @@
     document.getElementById("cache-hits").textContent = timeline.cache_hits;
   }
 
+  // Poll a timeline's JSON until it ends (each answer to `onProgress`); its last answer.
+  async function waitUntilEnded(apiUrl, onProgress, stepMs) {
+    for (;;) {
+      const timeline = await getJson(apiUrl);
+      if (timeline) {
+        onProgress(timeline);
+        if (terminal.has(timeline.status)) return timeline;
+      }
+      await new Promise((resolve) => window.setTimeout(resolve, stepMs));
+    }
+  }
+
   async function pollJob() {
     try {
-      const timeline = await getJson(root.dataset.apiUrl);
-      if (timeline) {
-        showProgress(timeline);
-        if (terminal.has(timeline.status)) {
-          await swapIn(pageAddress(window.location.href));
-          return;
-        }
-      }
-    } catch (error) { /* the next poll tries again */ }
-    window.setTimeout(pollJob, 1000);
+      await waitUntilEnded(root.dataset.apiUrl, showProgress, 1000);
+      await swapIn(pageAddress(window.location.href));
+    } catch (error) {
+      window.setTimeout(pollJob, 1000);     // the next poll tries again
+    }
   }
 
   // The notice: its text, and whether the Extend button shows (not while following).
@@ -89,18 +96,6 @@
   let extending = false;      // one extension at a time
   const givenUp = new Set(); // checkpoints an extension failed on: the button retries them
 
-  async function waitUntilEnded(apiUrl, names) {
-    for (;;) {
-      const timeline = await getJson(apiUrl);
-      if (timeline) {
-        if (terminal.has(timeline.status)) return timeline;
-        notify("Adding " + names + " to the timeline\u2026 " +
-               Math.round(timeline.progress * 100) + "%", false);
-      }
-      await new Promise((resolve) => window.setTimeout(resolve, 700));
-    }
-  }
-
   async function extend(fresh) {
     extending = true;
     const names = fileList(fresh);
@@ -113,7 +108,9 @@
       const answer = await response.json();
       if (response.status !== 202) throw new Error(answer.error ? answer.error.message
                                                                : "HTTP " + response.status);
-      const timeline = await waitUntilEnded(answer.api_url, names);
+      const timeline = await waitUntilEnded(answer.api_url, (running) => notify(
+        "Adding " + names + " to the timeline\u2026 " + Math.round(running.progress * 100) + "%",
+        false), 700);
       if (timeline.status !== "done") {
         throw new Error(timeline.error ? timeline.error.message : "it was " + timeline.status);
       }

@@ -38,10 +38,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     with Cluster(root, env={"CONVSCOPE_UNCERTAINTY": "0"}) as running:
         running.start_redis()
-        for _ in range(WORKERS):
-            running.start_worker(wait=False)
-        for worker in running.workers:
-            worker.wait_for_log("ready.", 120)
+        running.start_workers(WORKERS, 120)
         running.start_web()
         running.start_web(env={"CONVSCOPE_QUEUE_SIZE": str(WEB_QUEUE_SIZE)})
         yield running
